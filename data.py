@@ -1,0 +1,205 @@
+"""Prompts and gold answers for GRPO: loading, templating, tokenising, and the rank-sharded sampler.
+
+    examples, n_skipped = load_examples("hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", "qwen-boxed")
+    prompt_ids, golds, n_too_long = tokenize_examples(examples, tokenizer, max_prompt_len=1024)
+    sampler = Sampler(len(prompt_ids), prompts_per_step=1024, seed=0, rank=rank, world=world)
+    idx = sampler.next()   # this rank's 1024 // world prompt indices for this step
+
+Accepted `data`:
+  - "arith": 100 built-in single-digit additions ("What is 3 + 5?", gold "8"), a = 0..9 outer, b = 0..9 inner.
+  - FILE.parquet, or a DIRECTORY holding train.parquet, in the verl RL schema of hkust-nlp/SimpleRL-Zoo-Data:
+    prompt = [{role, content}] whose content is ALREADY templated (the template is not applied again; the
+    template name is still checked, and still picks the stop words), gold = reward_model["ground_truth"].
+  - FILE.jsonl, one object per line: question from "question" (else "problem"), gold from "answer" (else "gold"),
+    taken verbatim (no "####" or \\boxed{} extraction); the template is applied. Blank lines are ignored.
+  - "HUB_ID:FOLDER" (when no such local path exists): FOLDER/train.parquet of that Hugging Face dataset repo,
+    downloaded with huggingface_hub into its cache, then read like a local parquet file.
+Skipped and counted (n_skipped): rows whose prompt/question is missing, None, not a string or blank, or whose
+gold is missing, None, blank, or neither a string nor a number (numbers become str(x): 27.0 -> "27.0").
+Raised as DataError (one line: the problem and the fix): unknown template, missing file, unknown extension,
+a parquet file without prompt/reward_model columns, an invalid JSON line (file and line number), zero usable rows,
+a failed hub download, prompts_per_step not a multiple of the world size, all prompts longer than max_prompt_len.
+Prompts longer than max_prompt_len tokens are dropped and counted (n_too_long), never silently.
+Templates are filled with str.replace("{question}", q), not str.format (the literal "\\boxed{}" has braces).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+
+TEMPLATES = {
+    # SimpleRL-Zoo's template for Qwen2.5 models (paper's main runs)
+    "qwen-boxed": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}\n"
+                  "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+                  "<|im_start|>assistant\n",
+    # SimpleRL-Zoo's "simple" template for Llama / Mistral / Qwen2.5-0.5B and 1.5B
+    "abel": "Question:\n{question}\nAnswer:\nLet's think step by step.\n",
+    # short ChatML prompt for the CPU smoke preset
+    "chatml-short": "<|im_start|>user\n{question} Put the final answer within \\boxed{}.<|im_end|>\n"
+                    "<|im_start|>assistant\n",
+}
+# Extra single-token stop words per template, on top of EOS / <|im_end|> / <|endoftext|>.
+STOP_WORDS = {"qwen-boxed": [], "abel": ["Question", "Answer", "Problem"], "chatml-short": []}
+
+
+class DataError(ValueError):
+    """Bad data or data config; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class Example:
+    prompt: str  # fully templated prompt text
+    gold: str    # gold answer string, as given by the data
+
+
+def _example(prompt, gold):
+    """Example, or None when the prompt or gold is unusable (the caller counts it as skipped)."""
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        gold = str(gold)
+    if not isinstance(prompt, str) or not prompt.strip() or not isinstance(gold, str) or not gold.strip():
+        return None
+    return Example(prompt, gold)
+
+
+def _read_parquet(path):
+    """(prompt, gold) pairs of a verl-schema parquet file; prompt is already templated."""
+    names = pq.read_schema(path).names
+    if "prompt" not in names or "reward_model" not in names:
+        raise DataError(f"{path} has columns {names}, not the verl RL schema (prompt, reward_model); "
+                        "use a SimpleRL-Zoo-Data train.parquet or a .jsonl file with question/answer fields")
+    pairs = []
+    for row in pq.read_table(path, columns=["prompt", "reward_model"]).to_pylist():
+        msgs, rm = row["prompt"], row["reward_model"] or {}
+        prompt = msgs[0].get("content") if msgs and isinstance(msgs[0], dict) else None
+        pairs.append((prompt, rm.get("ground_truth")))
+    return pairs
+
+
+def _read_jsonl(path, template):
+    """(templated prompt, gold) pairs of a .jsonl file with question/problem and answer/gold fields."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(row, dict):
+                pairs.append((None, None))
+                continue
+            q = row.get("question") if row.get("question") is not None else row.get("problem")
+            gold = row.get("answer") if row.get("answer") is not None else row.get("gold")
+            ok = isinstance(q, str) and q.strip()
+            pairs.append((TEMPLATES[template].replace("{question}", q) if ok else None, gold))
+    return pairs
+
+
+def _download(data):
+    """Local path of HUB_ID:FOLDER/train.parquet, downloaded with huggingface_hub."""
+    repo_id, folder = data.split(":", 1)
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(repo_id, f"{folder}/train.parquet", repo_type="dataset")
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise DataError(f"could not download {folder}/train.parquet from dataset {repo_id} "
+                        f"({type(e).__name__}: {msg}); "
+                        f"download it with `huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR` "
+                        f"and pass --data=DIR/{folder}") from None
+
+
+def load_examples(data: str, template: str) -> tuple[list[Example], int]:
+    """(examples, n_skipped) from "arith", a .parquet file, a directory with train.parquet, a .jsonl file,
+    or "HUB_ID:FOLDER"; see the module docstring for formats and what is skipped."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; pick one of {sorted(TEMPLATES)}")
+    if data == "arith":
+        pairs = [(TEMPLATES[template].replace("{question}", f"What is {a} + {b}?"), str(a + b))
+                 for a in range(10) for b in range(10)]
+    else:
+        path = data
+        if not os.path.exists(path) and ":" in data:
+            path = _download(data)
+        if os.path.isdir(path):
+            path = os.path.join(path, "train.parquet")
+        if not os.path.isfile(path):
+            raise DataError(f"no such data file: {path}; pass an existing .parquet/.jsonl file, a directory with "
+                            "train.parquet, HUB_ID:FOLDER, or arith")
+        if path.endswith(".parquet"):
+            pairs = _read_parquet(path)
+        elif path.endswith(".jsonl"):
+            pairs = _read_jsonl(path, template)
+        else:
+            raise DataError(f"unknown data file type: {path}; use a .parquet (verl schema) or .jsonl file")
+    examples = [ex for ex in (_example(p, g) for p, g in pairs) if ex is not None]
+    if not examples:
+        raise DataError(f"no usable rows in {data} ({len(pairs)} rows, all missing a prompt or gold answer); "
+                        "check the file's fields (parquet: prompt, reward_model.ground_truth; jsonl: question, answer)")
+    return examples, len(pairs) - len(examples)
+
+
+def tokenize_examples(examples, tokenizer, max_prompt_len) -> tuple[list[list[int]], list[str], int]:
+    """(prompt_ids, golds, n_too_long): token ids of each prompt (tokenizer's default special tokens), with the
+    prompts longer than max_prompt_len tokens dropped; their count is returned for the caller to log."""
+    ids = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    keep = [i for i, x in enumerate(ids) if len(x) <= max_prompt_len]
+    if not keep:
+        raise DataError(f"all {len(examples)} prompts are longer than max_prompt_len={max_prompt_len} tokens; "
+                        "raise --max_prompt_len")
+    return [ids[i] for i in keep], [examples[i].gold for i in keep], len(examples) - len(keep)
+
+
+class Sampler:
+    """Deterministic, rank-sharded prompt sampler.
+
+    The prompt stream is an endless concatenation of per-epoch permutations of range(n): epoch e is
+    torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)). Each step takes the next
+    prompts_per_step indices of that stream (running on into the next epoch's permutation, so no prompt is
+    skipped) and rank r keeps batch[r::world]. The state is the global position in the stream, so a resumed
+    run sees the same prompts, even with a different world size (same prompts_per_step)."""
+
+    def __init__(self, n: int, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1):
+        if n <= 0 or prompts_per_step <= 0:
+            raise DataError(f"sampler needs n > 0 prompts and prompts_per_step > 0, got n={n}, "
+                            f"prompts_per_step={prompts_per_step}; check the data and --prompts_per_step")
+        if prompts_per_step % world != 0:
+            raise DataError(f"prompts_per_step={prompts_per_step} is not divisible by the world size {world}; "
+                            f"pick a multiple of {world}")
+        assert 0 <= rank < world, f"rank {rank} outside world size {world}"
+        self.n, self.prompts_per_step, self.seed, self.rank, self.world = n, prompts_per_step, seed, rank, world
+        self.pos = 0                  # prompts consumed so far by all ranks together
+        self._perm = (-1, [])         # (epoch, its permutation), cached
+
+    def _order(self, epoch):
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._perm[1]
+
+    def next(self) -> list[int]:
+        """This rank's indices for the next step: prompts_per_step // world of them."""
+        batch = []
+        while len(batch) < self.prompts_per_step:
+            epoch, i = divmod(self.pos, self.n)
+            take = min(self.prompts_per_step - len(batch), self.n - i)
+            batch += self._order(epoch)[i:i + take]
+            self.pos += take
+        return batch[self.rank::self.world]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "epoch": self.pos // self.n, "n": self.n}  # plain ints (torch.load weights_only)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise DataError(f"sampler checkpoint was over {state['n']} prompts but this run has {self.n}; "
+                            "resume with the same --data and --max_prompt_len")
+        self.pos = int(state["pos"])
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs consumed (all ranks together), for logging."""
+        return self.pos / self.n

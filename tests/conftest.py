@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny random Qwen2 model, both built offline in seconds."""
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["What is 3 + 5? The answer is \\boxed{8}.", "Question:\nAnswer:\nLet's think step by step.",
+          "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+          "0 1 2 3 4 5 6 7 8 9 + - = \\frac{1}{2} Please reason step by step, and put your final answer within"]
+
+
+def make_tokenizer(vocab_size=320):
+    """Byte-level BPE: decode(encode(s)) == s for any string; ChatML specials; pad = eos = <|endoftext|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_model(tokenizer, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return Qwen2ForCausalLM(Qwen2Config(**cfg)).float()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A saved tiny model folder (weights + tokenizer), as train.py --model=DIR expects."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    make_model(tokenizer).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)

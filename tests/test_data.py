@@ -1,0 +1,243 @@
+"""data.py: loaders (arith, verl parquet, directory, jsonl, hub fallback), tokenising, and the sampler's invariants."""
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data import STOP_WORDS, TEMPLATES, DataError, Example, Sampler, load_examples, tokenize_examples
+
+
+# ---- sampler ----
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [12, 10])  # 10: the second step straddles the epoch boundary
+def test_sampler_shards_disjoint_and_complete(n, world):
+    P = 6
+    samplers = [Sampler(n, P, seed=1, rank=r, world=world) for r in range(world)]
+    single = Sampler(n, P, seed=1)  # the whole step's batch, as one rank would see it
+    stream = []
+    for _ in range(math.ceil(n / P)):
+        shards = [s.next() for s in samplers]
+        assert all(len(sh) == P // world for sh in shards)
+        batch = [None] * P
+        for r, sh in enumerate(shards):
+            batch[r::world] = sh  # the shards partition the step's positions: none shared, none missing
+        assert batch == single.next()
+        stream += batch
+    assert sorted(stream[:n]) == list(range(n))  # one epoch = every index exactly once, across the ranks
+    counts = torch.bincount(torch.tensor(stream), minlength=n)
+    assert counts.min() == 1 and counts.max() <= 2  # the straddling step starts the next epoch: nothing skipped
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_follows_the_per_epoch_permutations(world):
+    n, P, seed = 7, 6, 3
+    stream = sum((torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in range(4)), [])
+    samplers = [Sampler(n, P, seed, rank=r, world=world) for r in range(world)]
+    for step in range(4):
+        batch = stream[step * P:(step + 1) * P]
+        for r, s in enumerate(samplers):
+            assert s.next() == batch[r::world]
+    assert samplers[0].epoch == pytest.approx(4 * P / n)
+    assert all(torch.bincount(torch.tensor(stream[:21])) == 3)  # three whole epochs: every prompt exactly 3 times
+
+
+def test_sampler_more_prompts_per_step_than_data():
+    s = Sampler(4, 12, seed=0)
+    batch = s.next()
+    assert sorted(batch) == sorted(list(range(4)) * 3) and s.epoch == 3.0
+
+
+def test_sampler_seed():
+    a, b, c = Sampler(50, 10, seed=0), Sampler(50, 10, seed=0), Sampler(50, 10, seed=1)
+    xa, xb, xc = [a.next() for _ in range(3)], [b.next() for _ in range(3)], [c.next() for _ in range(3)]
+    assert xa == xb
+    assert xa != xc
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sampler_resume_equals_uninterrupted(world, tmp_path):
+    n, P = 11, 4
+    full = [Sampler(n, P, seed=5, rank=r, world=world) for r in range(world)]
+    ref = [[s.next() for _ in range(8)] for s in full]
+    part = [Sampler(n, P, seed=5, rank=r, world=world) for r in range(world)]
+    for s in part:
+        for _ in range(3):
+            s.next()
+    torch.save(part[0].state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert all(type(v) is int for v in state.values())
+    for r in range(world):
+        resumed = Sampler(n, P, seed=5, rank=r, world=world)
+        resumed.load_state_dict(state)
+        assert resumed.epoch == pytest.approx(3 * P / n)
+        assert [resumed.next() for _ in range(5)] == ref[r][3:]
+
+
+def test_sampler_resume_checks_dataset_size():
+    s = Sampler(10, 2, seed=0)
+    s.next()
+    with pytest.raises(DataError, match="same --data"):
+        Sampler(9, 2, seed=0).load_state_dict(s.state_dict())
+
+
+def test_sampler_indivisible_world():
+    with pytest.raises(DataError, match="multiple of 3"):
+        Sampler(10, 8, seed=0, rank=0, world=3)
+
+
+# ---- loaders ----
+
+def verl_row(i, prompt, gold):
+    return {"data_source": "simplelr_qwen_level3to5", "prompt": prompt, "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": gold}, "extra_info": {"index": i, "split": "train"}}
+
+
+def write_verl_parquet(path):
+    msg = lambda s: [{"role": "user", "content": s}]
+    rows = [verl_row(0, msg("P0 templated"), "3"),
+            verl_row(1, msg("P1 templated"), ""),           # empty gold
+            verl_row(2, None, "4"),                          # None prompt
+            verl_row(3, [], "5"),                            # empty prompt list
+            verl_row(4, msg("P4 templated"), "\\frac{1}{2}"),
+            verl_row(5, msg("   "), "6"),                    # blank prompt
+            verl_row(6, msg("P6 templated"), "  "),          # blank gold
+            verl_row(7, msg("P7 templated"), None)]          # None gold
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_parquet_round_trip(tmp_path):
+    f = tmp_path / "train.parquet"
+    write_verl_parquet(f)
+    for template in TEMPLATES:  # the parquet prompt is already templated: no template is applied on top
+        examples, n_skipped = load_examples(str(f), template)
+        assert examples == [Example("P0 templated", "3"), Example("P4 templated", "\\frac{1}{2}")]
+        assert n_skipped == 6
+
+
+def test_parquet_directory_and_numeric_gold(tmp_path):
+    msg = [{"role": "user", "content": "Q"}]
+    pq.write_table(pa.Table.from_pylist([verl_row(0, msg, 27.0), verl_row(1, msg, 5.5)]), tmp_path / "train.parquet")
+    examples, n_skipped = load_examples(str(tmp_path), "qwen-boxed")
+    assert [e.gold for e in examples] == ["27.0", "5.5"] and n_skipped == 0
+
+
+def test_parquet_wrong_schema(tmp_path):
+    f = tmp_path / "x.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), f)
+    with pytest.raises(DataError, match="verl RL schema"):
+        load_examples(str(f), "abel")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_jsonl(tmp_path):
+    f = tmp_path / "q.jsonl"
+    write_jsonl(f, [{"question": "What is 1 + 1?", "answer": "2"},
+                    {"problem": "Solve x + 1 = 3.", "answer": 2},
+                    {"question": "No gold"},
+                    {"question": "", "answer": "1"},
+                    {"problem": "Gold field", "gold": "7"},
+                    {"question": "Bad gold", "answer": ["7"]},
+                    {"question": "Bool gold", "answer": True},
+                    [1, 2],
+                    "",  # blank line: ignored, not a row
+                    {"question": "Zero", "answer": 0}])
+    examples, n_skipped = load_examples(str(f), "abel")
+    t = TEMPLATES["abel"]
+    assert examples == [Example(t.replace("{question}", "What is 1 + 1?"), "2"),
+                        Example(t.replace("{question}", "Solve x + 1 = 3."), "2"),
+                        Example(t.replace("{question}", "Gold field"), "7"),
+                        Example(t.replace("{question}", "Zero"), "0")]
+    assert examples[0].prompt == "Question:\nWhat is 1 + 1?\nAnswer:\nLet's think step by step.\n"
+    assert n_skipped == 5
+
+
+def test_jsonl_invalid_line(tmp_path):
+    f = tmp_path / "q.jsonl"
+    write_jsonl(f, [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, '{"question": "c", '])
+    with pytest.raises(DataError, match=r"q\.jsonl:3 "):
+        load_examples(str(f), "abel")
+
+
+def test_no_usable_rows(tmp_path):
+    f = tmp_path / "q.jsonl"
+    write_jsonl(f, [{"question": "a"}, {"answer": "1"}])
+    with pytest.raises(DataError, match="no usable rows"):
+        load_examples(str(f), "abel")
+
+
+def test_arith():
+    examples, n_skipped = load_examples("arith", "qwen-boxed")
+    assert len(examples) == 100 and n_skipped == 0
+    assert examples[3 * 10 + 5] == Example(TEMPLATES["qwen-boxed"].replace("{question}", "What is 3 + 5?"), "8")
+    for a in range(10):
+        for b in range(10):
+            ex = examples[10 * a + b]
+            assert f"What is {a} + {b}?" in ex.prompt and ex.gold == str(a + b)
+    assert examples[0].prompt.endswith("within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    assert load_examples("arith", "qwen-boxed") == (examples, 0)
+
+
+def test_templates():
+    assert set(STOP_WORDS) <= set(TEMPLATES) and STOP_WORDS["abel"] == ["Question", "Answer", "Problem"]
+    for t in TEMPLATES.values():
+        assert t.count("{question}") == 1
+    assert TEMPLATES["chatml-short"].replace("{question}", "Q") == \
+        "<|im_start|>user\nQ Put the final answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="unknown template"):
+        load_examples("arith", "llama")
+    with pytest.raises(DataError, match="no such data file"):
+        load_examples(str(tmp_path / "missing.parquet"), "abel")
+    with pytest.raises(DataError, match="no such data file"):
+        load_examples(str(tmp_path), "abel")  # directory without train.parquet
+    (tmp_path / "x.csv").write_text("question,answer\n")
+    with pytest.raises(DataError, match="unknown data file type"):
+        load_examples(str(tmp_path / "x.csv"), "abel")
+
+
+def test_hub_download(tmp_path, monkeypatch):
+    import huggingface_hub
+    write_verl_parquet(tmp_path / "train.parquet")
+    calls = []
+
+    def fake(repo_id, filename, repo_type=None, **kw):
+        calls.append((repo_id, filename, repo_type))
+        return str(tmp_path / "train.parquet")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    examples, n_skipped = load_examples("org/ds:simplelr_x", "qwen-boxed")
+    assert calls == [("org/ds", "simplelr_x/train.parquet", "dataset")] and len(examples) == 2 and n_skipped == 6
+
+    def offline(*a, **kw):
+        raise OSError("no network\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(DataError, match="download it") as err:
+        load_examples("org/ds:simplelr_x", "qwen-boxed")
+    assert "\n" not in str(err.value)
+
+
+# ---- tokenising ----
+
+def test_tokenize_drops_and_counts_too_long(tokenizer):
+    examples = [Example("short", "1"), Example("a much longer prompt " * 20, "2"), Example("<|im_start|>user\nhi", "3")]
+    lens = [len(tokenizer(e.prompt)["input_ids"]) for e in examples]
+    limit = max(lens[0], lens[2])
+    assert lens[1] > limit
+    ids, golds, n_too_long = tokenize_examples(examples, tokenizer, limit)
+    assert ids == [tokenizer(examples[0].prompt)["input_ids"], tokenizer(examples[2].prompt)["input_ids"]]
+    assert golds == ["1", "3"] and n_too_long == 1
+    assert ids[1][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # special tokens map to their ids
+    ids, golds, n_too_long = tokenize_examples(examples, tokenizer, lens[1])
+    assert len(ids) == 3 and n_too_long == 0
+    with pytest.raises(DataError, match="max_prompt_len"):
+        tokenize_examples(examples, tokenizer, min(lens) - 1)

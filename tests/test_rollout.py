@@ -1,0 +1,64 @@
+"""rollout.py: decode log-probs == training forward log-probs, prompt-major rows, stop-token masking."""
+import torch
+
+from conftest import make_model
+from rollout import generate, response_mask, stop_token_ids
+from train import Policy, Samples, sequence_logprobs
+
+
+def test_decode_logprobs_equal_training_forward(tokenizer):
+    model = make_model(tokenizer).eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 3 + 5?", "1 2", "Let's think step by step. 7 + 2 ="]]
+    torch.manual_seed(0)
+    T = 0.8
+    ro = generate(model, prompts, n=3, max_new_tokens=12, temperature=T, top_p=1.0, stop_ids=[0, 2],
+                  pad_id=tokenizer.pad_token_id, return_logprobs=True)
+    assert ro.response_ids.shape[0] == 9 and ro.prompt_ids[3] == prompts[1]  # prompt-major: rows 3..5 = prompt 1
+    s = Samples(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
+                      zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
+                prompt_lens=[len(p) for p in ro.prompt_ids], adv=torch.zeros(9), old_logp=[None] * 9,
+                ref_logp=[None] * 9, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(Policy(model), s, list(range(9)), T, torch.device("cpu"))
+    decode = ro.logprobs[ro.response_mask]  # (N,) row-major = the same order
+    assert logp.shape == decode.shape and len(logp) == int(ro.lengths.sum())
+    assert torch.allclose(logp, decode, atol=1e-5), (logp - decode).abs().max()
+
+
+def test_samples_of_a_prompt_differ_and_lengths_are_consistent(tokenizer):
+    model = make_model(tokenizer).eval()
+    torch.manual_seed(1)
+    ro = generate(model, [tokenizer("1 2 3")["input_ids"]], n=4, max_new_tokens=10, temperature=1.0, top_p=1.0,
+                  stop_ids=[0], pad_id=0)
+    assert len({tuple(r.tolist()) for r in ro.response_ids}) > 1
+    assert torch.equal(ro.response_mask.sum(1), ro.lengths)
+    for r, m, reason, n in zip(ro.response_ids, ro.response_mask, ro.finish_reason, ro.lengths):
+        assert reason == ("stop" if r[n - 1] == 0 else "length")
+        assert (r[~m] == 0).all()
+
+
+def test_greedy_is_deterministic(tokenizer):
+    model = make_model(tokenizer).eval()
+    p = [tokenizer("7 + 2 =")["input_ids"]]
+    a = generate(model, p, n=2, max_new_tokens=8, temperature=0, top_p=1.0, stop_ids=[0], pad_id=0)
+    torch.manual_seed(123)
+    b = generate(model, p, n=2, max_new_tokens=8, temperature=0, top_p=1.0, stop_ids=[0], pad_id=0)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_ids[0], a.response_ids[1])
+    ids, x = p[0], torch.tensor([p[0]])
+    with torch.no_grad():  # greedy == argmax of a plain forward, token by token
+        for t in range(int(a.lengths[0])):
+            nxt = model(x).logits[0, -1].argmax()
+            assert nxt == a.response_ids[0, t]
+            x = torch.cat([x, nxt.view(1, 1)], 1)
+
+
+def test_response_mask_keeps_first_stop_token():
+    tokens = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 9, 9, 9, 9]])
+    mask, lengths, stopped = response_mask(tokens, [2])
+    assert lengths.tolist() == [3, 5, 1] and stopped.tolist() == [True, False, True]
+    assert mask.tolist()[0] == [True, True, True, False, False]
+
+
+def test_stop_token_ids(tokenizer):
+    ids = stop_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.eos_token_id in ids

