@@ -417,7 +417,7 @@ def main(argv, score=None):
         t1 = time.time()
 
         # 2. Reward and group-normalised advantages on this rank's own groups.
-        texts = [tokenizer.decode(r[m]) for r, m in zip(ro.response_ids, ro.response_mask)]
+        texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)])
         grades = score(texts, [golds[i] for i in idx for _ in range(G)])
         rewards = torch.tensor([g.reward for g in grades])  # (B,)
         adv = group_advantages(rewards, G)  # (B,)
