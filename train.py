@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -63,7 +64,7 @@ class Config:
     save_every: int = 5             # checkpoint every N steps (and at the end)
     out: str = "runs/7b"            # run directory
     seed: int = 0
-    shard: str = "ddp"              # ddp (full replica per rank)
+    shard: str = "ddp"              # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     log_samples: int = 4            # completions per step written to samples.jsonl
 
@@ -109,8 +110,8 @@ def parse_config(argv):
             setattr(cfg, name, kind(value))
         except (ValueError, AssertionError):
             sys.exit(f"error: --{name}={value} is not a valid {kind.__name__}")
-    if cfg.shard != "ddp":
-        sys.exit(f"error: --shard={cfg.shard} is not available yet; use --shard=ddp")
+    if cfg.shard not in ("ddp", "zero2", "zero3"):
+        sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -205,11 +206,12 @@ def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device):
     """Forward/backward each micro-batch of one mini-batch (plan = list of sample-index lists). The loss is a token
     mean over the whole mini-batch on ALL ranks: each rank sums its per-token losses and divides by the global token
     count n_tokens; DDP then AVERAGES gradients over ranks, so we scale by world to get sum_over_ranks / n_tokens.
-    Gradients sync only on the last micro-batch. Returns summed per-token stats."""
+    DDP syncs gradients on the last micro-batch only; FSDP reduce-scatters (and averages) every micro-batch into
+    the sharded gradients. Returns summed per-token stats."""
     sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
     for k, mb in enumerate(plan):
-        sync = k == len(plan) - 1 or world == 1
-        with contextlib.nullcontext() if sync else policy.no_sync():
+        defer = isinstance(policy, DDP) and k < len(plan) - 1
+        with policy.no_sync() if defer else contextlib.nullcontext():
             logp, entropy = sequence_logprobs(policy, s, mb, cfg.temperature, device)  # (N_mb,) each
             logp, entropy = logp.float(), entropy.float()
             old = logp.detach() if s.old_logp[mb[0]] is None else torch.cat([s.old_logp[i] for i in mb]).to(device)
@@ -283,6 +285,44 @@ def load_lm(name, cfg, device):
     return lm.to(device)
 
 
+def shard_model(policy, cfg, cuda, local_rank, world, train=True):
+    """--shard=ddp: a full replica per rank (DDP; the frozen reference is just replicated). zero2/zero3: FSDP2
+    `fully_shard` on every decoder layer, then the root (embeddings, final norm, lm_head), so parameters, gradients
+    and Adam states are split over ranks; zero3 also frees each layer's gathered weights after its forward. On GPU
+    the trained model keeps fp32 shards (the master copy) and computes in bf16 with fp32 gradient reduction."""
+    if cfg.shard == "ddp":
+        return DDP(policy, device_ids=[local_rank] if cuda else None) if train and world > 1 else policy
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and train else None
+    reshard = cfg.shard == "zero3" or not train
+    for layer in policy.lm.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp or MixedPrecisionPolicy(), reshard_after_forward=reshard)
+    return fully_shard(policy, mp_policy=mp or MixedPrecisionPolicy(), reshard_after_forward=reshard)
+
+
+@contextlib.contextmanager
+def gathered(policy, cfg):
+    """Generation under zero2/zero3: gather every layer's weights ONCE for the whole rollout (HF generate would
+    otherwise all-gather each layer again for every decoded token), then shard them again. Costs one full copy of
+    the weights (bf16 on GPU) on each rank while generating."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(policy, FSDPModule):
+        yield
+        return
+    modules = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    policy._get_fsdp_state()._lazy_init()  # private: make Policy the root although generate() bypasses its forward
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            if m is not policy:
+                m.set_reshard_after_forward(cfg.shard == "zero3", recurse=False)
+
+
 def checkpoints(out):
     """Complete checkpoints in `out`, oldest first (a checkpoint is complete once renamed from its .tmp name)."""
     if not os.path.isdir(out):
@@ -290,17 +330,49 @@ def checkpoints(out):
     return sorted(os.path.join(out, d) for d in os.listdir(out) if d.startswith("step_") and not d.endswith(".tmp"))
 
 
-def save_checkpoint(out, step, lm, tokenizer, optimizer, sampler, bad_steps):
-    """step_NNNNNN/{model/ (HF save_pretrained, safetensors + tokenizer), state.pt}; written as .tmp, then renamed."""
+def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master):
+    """Called on every rank. step_NNNNNN/: model/ (the full model: HF save_pretrained, safetensors, + tokenizer) and
+    state.pt (step, sampler, consecutive bad steps; the optimizer too under ddp). Under zero2/zero3 the optimizer is
+    in optim/, a sharded torch.distributed.checkpoint that loads on any number of ranks. Written as .tmp, renamed."""
     final = os.path.join(out, f"step_{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(os.path.join(tmp, "model"))
-    tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(), bad_steps=bad_steps),
-               os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
-    os.replace(tmp, final)
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint of a killed run
+    if dist.is_initialized():
+        dist.barrier()
+    state = dict(step=step, sampler=sampler.state_dict(), bad_steps=bad_steps, shard=cfg.shard)
+    weights = None  # ddp: the replica's own state dict
+    if cfg.shard == "ddp":
+        state["optimizer"] = optimizer.state_dict()
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        dcp.save({"optim": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optim"))
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = {k.removeprefix("lm."): v for k, v in full.items()}  # gathered on rank 0 only
+    if master:
+        lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
+        os.replace(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_optimizer(ckpt, state, policy, optimizer, cfg):
+    if state["shard"] != cfg.shard and "ddp" in (state["shard"], cfg.shard):
+        sys.exit(f"error: {ckpt} was written with --shard={state['shard']}; resume it with that --shard "
+                 f"(zero2 and zero3 checkpoints are interchangeable)")
+    if cfg.shard == "ddp":
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    osd = get_optimizer_state_dict(policy, optimizer)
+    dcp.load({"optim": osd}, checkpoint_id=os.path.join(ckpt, "optim"))
+    set_optimizer_state_dict(policy, optimizer, osd)
 
 
 def run_info(cfg):
@@ -360,8 +432,13 @@ def main(argv, score=None):
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1:  # a key space per torchrun restart: torch 2.13 keeps the dead attempt's peer addresses in its store
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                rank=rank, world_size=world)
+    elif cfg.shard != "ddp":  # FSDP needs a process group, even of one
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # bf16 compute, fp32 master weights
     log = print if master else (lambda *a, **k: None)
     log(f"data {cfg.data}: {len(prompt_ids)} prompts ({n_skipped} rows skipped: empty prompt/answer; {n_long} longer "
@@ -371,19 +448,18 @@ def main(argv, score=None):
     lm = load_lm(ckpts[-1] + "/model" if ckpts else cfg.model, cfg, device)
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(lm)
-    if world > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if cuda else None)
+    policy = shard_model(Policy(lm), cfg, cuda, local_rank, world)
     ref = None
     if cfg.kl_coef > 0:  # frozen initial model; bf16 on GPU (it only runs inference)
         ref = Policy(load_lm(cfg.model, cfg, device).to(torch.bfloat16 if cuda else torch.float32)).eval()
         ref.requires_grad_(False)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+        ref = shard_model(ref, cfg, cuda, local_rank, world, train=False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=cuda)
     start, bad_steps = 0, 0
     if ckpts:
         state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(ckpts[-1], state, policy, optimizer, cfg)
         sampler.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
         log(f"resuming from {ckpts[-1]} (step {start})")
@@ -410,7 +486,7 @@ def main(argv, score=None):
 
         # 1. Rollout: G samples per prompt, prompt-major rows.
         lm.eval()
-        with autocast:
+        with autocast, gathered(policy, cfg):
             ro = generate(lm, [prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature, cfg.top_p,
                           stop_ids, tokenizer.pad_token_id, progress=master)
         lm.train()
@@ -432,7 +508,7 @@ def main(argv, score=None):
         seq_lens = [len(x) for x in s.seqs]
         minis = [list(range(j * B // cfg.mini_batches, (j + 1) * B // cfg.mini_batches)) for j in range(cfg.mini_batches)]
         plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world) for mb in minis]
-        module = policy.module if world > 1 else policy
+        module = policy.module if isinstance(policy, DDP) else policy
         with autocast:
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
             s.old_logp = batch_logprobs(module, s, plans[1:], cfg.temperature, device)
@@ -448,7 +524,8 @@ def main(argv, score=None):
             with autocast:
                 st = accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device)
             sums = {k: sums[k] + st[k] for k in sums}
-            grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:
@@ -490,14 +567,11 @@ def main(argv, score=None):
                                             finish=ro.finish_reason[b])) + "\n")
         stop = bad_steps >= 3
         if step % cfg.save_every == 0 or step == cfg.steps or stop:
-            if master:
-                save_checkpoint(cfg.out, step, lm, tokenizer, optimizer, sampler, bad_steps)
-            if world > 1:
-                dist.barrier()
+            save_checkpoint(cfg.out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); "
                      f"stopped with a checkpoint at step {step}. Lower --lr or check the data.")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

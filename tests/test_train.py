@@ -114,7 +114,7 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
 @pytest.mark.slow
 def test_two_rank_ddp_run(model_dir, data_file, tmp_path):
     out = str(tmp_path / "ddp")
-    r = run(flags(model_dir, data_file, out, steps=2), launcher=("torchrun", "--nproc_per_node=2", "train.py"))
+    r = run(flags(model_dir, data_file, out, steps=2), launcher=("torchrun", "--standalone", "--nproc_per_node=2", "train.py"))
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(out)
     assert [x["step"] for x in m] == [1, 2] and all(x["skipped_updates"] == 0 for x in m)

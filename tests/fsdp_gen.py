@@ -1,0 +1,54 @@
+"""torchrun --standalone --nproc_per_node 2 tests/fsdp_gen.py OUT.json: count FSDP all-gathers during a zero3
+rollout with and without train.gathered, and check its samples equal an unsharded model's. Used by test_shard.py."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import make_model, make_tokenizer  # noqa: E402
+from rollout import generate  # noqa: E402
+from train import Config, Policy, gathered, shard_model  # noqa: E402
+
+dist.init_process_group("gloo")
+calls = [0]
+
+
+def counting(real):
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+    return wrapper
+
+
+for name in ("all_gather_single", "all_gather_into_tensor"):  # what FSDP2's DefaultAllGather calls (by version)
+    if hasattr(dist, name):
+        setattr(dist, name, counting(getattr(dist, name)))
+tok = make_tokenizer()
+prompts = [tok("What is 3 + 5?")["input_ids"], tok("1 2")["input_ids"]]
+args = dict(n=2, max_new_tokens=16, temperature=1.0, top_p=1.0, stop_ids=[len(tok)], pad_id=0)  # never stops
+plain_model = make_model(tok).eval()
+cfg = Config(shard="zero3")
+policy = shard_model(Policy(make_model(tok)), cfg, cuda=False, local_rank=0, world=2)
+torch.manual_seed(0)
+plain = generate(plain_model, prompts, **args)
+policy.eval()
+counts = {}
+for use in (True, False):
+    calls[0] = 0
+    torch.manual_seed(0)
+    if use:
+        with gathered(policy, cfg):
+            ro = generate(policy.lm, prompts, **args)
+    else:  # naive: only the root (embeddings, lm_head) gathered; each layer all-gathers at every forward
+        policy.unshard()
+        ro = generate(policy.lm, prompts, **args)
+        policy.reshard()
+    counts["gathered" if use else "per_token"] = calls[0]
+    assert torch.equal(ro.response_ids, plain.response_ids)
+if dist.get_rank() == 0:
+    json.dump(dict(counts, layers=len(policy.lm.get_decoder().layers), new_tokens=16), open(sys.argv[1], "w"))
+dist.destroy_process_group()
