@@ -168,9 +168,11 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, loss_mask, temperature):
-        """input_ids (b, L) right-padded; loss_mask (b, L) True where position t predicts response token t+1."""
-        hidden = self.lm.get_decoder()(input_ids=input_ids).last_hidden_state  # (b, L, H); causal, pads trail
+    def forward(self, input_ids, loss_mask, temperature, position_ids=None):
+        """input_ids (b, L) right-padded, or packed with position_ids restarting at 0 for each sequence (then HF's
+        attention keeps every sequence to itself); loss_mask (b, L) True where position t predicts response token t+1."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state  # (b, L, H); no KV cache in training
         targets = input_ids.roll(-1, dims=1)  # (b, L) next token
         return token_logprobs(hidden[loss_mask], self.lm.get_output_embeddings(), targets[loss_mask], temperature)
 
@@ -184,6 +186,7 @@ class Samples:
     old_logp: list         # B x (len_b,) log-probs before the update, or None where the update's own are used
     ref_logp: list         # B x (len_b,) reference log-probs, or None when kl_coef == 0
     pad_id: int
+    packed: bool = False   # micro-batches as one row of back-to-back sequences (flash-attn varlen) instead of padded
 
     def response_len(self, i):
         return len(self.seqs[i]) - self.prompt_lens[i]
@@ -191,6 +194,12 @@ class Samples:
 
 def sequence_logprobs(policy, s, idx, temperature, device):
     """Runs `policy` on samples idx -> logp, entropy (N,): their response tokens, concatenated in idx order."""
+    if s.packed:  # (1, sum of lengths): no padding; positions restart per sequence
+        ids = torch.cat([s.seqs[i] for i in idx])[None]  # (1, T)
+        pos = torch.cat([torch.arange(len(s.seqs[i])) for i in idx])[None]  # (1, T)
+        mask = torch.cat([(pos_i >= s.prompt_lens[i] - 1) & (pos_i < len(s.seqs[i]) - 1)
+                          for i, pos_i in ((i, torch.arange(len(s.seqs[i]))) for i in idx)])[None]  # (1, T)
+        return policy(ids.to(device), mask.to(device), temperature, pos.to(device))
     L = max(len(s.seqs[i]) for i in idx)
     ids = torch.full((len(idx), L), s.pad_id, dtype=torch.long)  # (b, L) right-padded
     mask = torch.zeros((len(idx), L), dtype=torch.bool)  # (b, L) True where the next token is a response token
@@ -234,13 +243,14 @@ def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device):
     return sums
 
 
-def plan_micro_batches(idx, seq_lens, budget, world):
-    """Split samples idx into k chunks (sorted by length, near-equal counts) whose padded size (count * longest)
-    fits the token budget; k is the max over ranks so every rank runs the same number of forward/backward passes."""
+def plan_micro_batches(idx, seq_lens, budget, world, packed=False):
+    """Split samples idx into k chunks (sorted by length, near-equal counts) whose size (padded: count * longest;
+    packed: sum of lengths) fits the token budget; k is the max over ranks so every rank runs the same number of
+    forward/backward passes (FSDP gathers weights in each)."""
     order = sorted(idx, key=lambda i: -seq_lens[i])
     split = lambda k: [order[j * len(order) // k:(j + 1) * len(order) // k] for j in range(k)]
-    k = next((k for k in range(1, len(order) + 1)
-              if all(len(c) * seq_lens[c[0]] <= budget for c in split(k))), len(order))
+    size = lambda c: sum(seq_lens[i] for i in c) if packed else len(c) * seq_lens[c[0]]
+    k = next((k for k in range(1, len(order) + 1) if all(size(c) <= budget for c in split(k))), len(order))
     if world > 1:
         t = torch.tensor(k)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -300,7 +310,8 @@ def shard_model(policy, cfg, cuda, local_rank, world, train=True):
     and Adam states are split over ranks; zero3 also frees each layer's gathered weights after its forward. On GPU
     the trained model keeps fp32 shards (the master copy) and computes in bf16 with fp32 gradient reduction."""
     if cfg.shard == "ddp":
-        return DDP(policy, device_ids=[local_rank] if cuda else None) if train and world > 1 else policy
+        return DDP(policy, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=True) \
+            if train and world > 1 else policy  # bucket view: no second fp32 copy of the gradients
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and train else None
     reshard = cfg.shard == "zero3" or not train
@@ -461,6 +472,7 @@ def main(argv, score=None):
     lm = load_lm(ckpts[-1] + "/model" if ckpts else cfg.model, cfg, device)
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = lm.config._attn_implementation == "flash_attention_2"  # pack only where attention is varlen
     policy = shard_model(Policy(lm), cfg, cuda, local_rank, world)
     ref = None
     if cfg.kl_coef > 0:  # frozen initial model; bf16 on GPU (it only runs inference)
@@ -517,10 +529,10 @@ def main(argv, score=None):
         s = Samples(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
                           zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
                     prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, old_logp=[None] * B, ref_logp=[None] * B,
-                    pad_id=tokenizer.pad_token_id)
+                    pad_id=tokenizer.pad_token_id, packed=packed)
         seq_lens = [len(x) for x in s.seqs]
         minis = [list(range(j * B // cfg.mini_batches, (j + 1) * B // cfg.mini_batches)) for j in range(cfg.mini_batches)]
-        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world) for mb in minis]
+        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, packed) for mb in minis]
         module = policy.module if isinstance(policy, DDP) else policy
         with autocast:
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached

@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_model
 from train import (Config, Policy, Samples, accumulate_gradients, group_advantages, grpo_loss, plan_micro_batches,
+                   sequence_logprobs,
                    token_logprobs)
 
 
@@ -119,3 +120,22 @@ def test_rank_split_invariance(tokenizer, tmp_path):
     single = grads_for(policy, s, [list(range(6))], Config(kl_coef=1e-3, temperature=0.9))
     for a, b in zip(single, torch.load(out)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_packed_equals_padded(tokenizer):
+    """Back-to-back sequences with restarting position_ids give the padded forward's log-probs and gradients."""
+    cfg = Config(kl_coef=1e-3, temperature=0.9)
+    policy = Policy(make_model(tokenizer))
+    s = make_samples(tokenizer, B=5, seed=3)
+    plan = [[0, 1, 2], [3, 4]]
+    padded = grads_for(policy, s, plan, cfg)
+    with torch.no_grad():
+        lp_pad, _ = sequence_logprobs(policy, s, [0, 1, 2, 3, 4], 0.9, torch.device("cpu"))
+    s.packed = True
+    with torch.no_grad():
+        lp_pack, _ = sequence_logprobs(policy, s, [0, 1, 2, 3, 4], 0.9, torch.device("cpu"))
+    assert torch.allclose(lp_pack, lp_pad, atol=1e-5)
+    for a, b in zip(padded, grads_for(policy, s, plan, cfg)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    lens = [len(x) for x in s.seqs]
+    assert all(sum(lens[i] for i in mb) <= 30 for mb in plan_micro_batches(list(range(5)), lens, 30, 1, packed=True))
