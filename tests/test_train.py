@@ -25,7 +25,7 @@ def data_file(tmp_path_factory):
 def flags(model_dir, data_file, out, **kw):
     base = dict(model=model_dir, data=data_file, template="chatml-short", prompts_per_step=4, samples_per_prompt=4,
                 max_prompt_len=256, max_response_len=10, lr=1e-3, kl_coef=1e-3, mini_batches=2,
-                micro_batch_tokens=400, grad_ckpt="false", steps=2, save_every=2, out=out, log_samples=2, shard="ddp")
+                micro_batch_tokens=400, grad_ckpt="false", steps=2, save_every=2, out=out, shard="ddp")
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 
