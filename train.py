@@ -589,9 +589,9 @@ def main(argv, score=None):
                 _, summary = evaluate(lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir, cfg.template,
                                       max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit, rank=rank, world=world)
             if master:
-                m.update({f"eval_{b}": s["acc"] for b, s in summary.items() if isinstance(s, dict)})
-                log(f"eval step {step}: " + ", ".join(f"{b} {s['acc']:.1f}" for b, s in summary.items()
-                                                      if isinstance(s, dict)))
+                accs = {b: v["acc"] for b, v in summary.items() if b != "average"}  # percent
+                m.update({f"eval_{b}": acc for b, acc in accs.items()})
+                log(f"eval step {step}: " + ", ".join(f"{b} {acc:.1f}" for b, acc in accs.items()))
         if master:
             log(f"step {step} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | clip {m['clip_ratio']:.2f} | "
                 f"kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
