@@ -124,6 +124,16 @@ def parse_config(argv):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
     if cfg.engine not in ("drop", "pad", "cb"):
         sys.exit(f"error: --engine={cfg.engine} is not one of drop, pad, cb")
+    negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0]
+    for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
+                     (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
+                     (min(cfg.prompts_per_step, cfg.mini_batches, cfg.micro_batch_tokens, cfg.steps,
+                          cfg.save_every, cfg.max_response_len) < 1,
+                      "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --save_every and "
+                      "--max_response_len must be >= 1"),
+                     (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
+        if bad:
+            sys.exit(f"error: {msg}")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -316,11 +326,12 @@ def shard_model(policy, cfg, cuda, local_rank, world, train=True):
         return DDP(policy, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=True) \
             if train and world > 1 else policy  # bucket view: no second fp32 copy of the gradients
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and train else None
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and train \
+        else MixedPrecisionPolicy()  # the reference is already bf16 on GPU
     reshard = cfg.shard == "zero3" or not train
     for layer in policy.lm.get_decoder().layers:
-        fully_shard(layer, mp_policy=mp or MixedPrecisionPolicy(), reshard_after_forward=reshard)
-    return fully_shard(policy, mp_policy=mp or MixedPrecisionPolicy(), reshard_after_forward=reshard)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
+    return fully_shard(policy, mp_policy=mp, reshard_after_forward=reshard)
 
 
 @contextlib.contextmanager

