@@ -29,8 +29,8 @@ Departures from SimpleRL-Zoo's grader (Qwen2.5-Math extract_answer + strip_strin
     `\cdot b` survives); the gold is parsed raw, so gold "50\%" accepts 50 and 0.5 (math-verify's percent rule).
   - a worker past its time is killed (no signal.alarm); default 5 s, not 10 s.
 Speed: `python bench/reward.py` (8192 responses of ~3 KB, 1024 distinct golds), 2026-11-24, 2 cores / 2 workers:
-1,544 responses/s (median of 3 runs; ~770/s per core). The parent spends ~40 us of CPU per response, so 16 cores
-should give ~10,000/s (goal 2,000/s). Most answers settle on the exact fast path; sympy runs for the rest.
+972 responses/s (runs of 972, 994, 947 at 23:33; ~485/s per core). Projected, not measured: 16 cores should give
+several thousand/s (goal 2,000/s). Most answers settle on the exact fast path; sympy runs for the rest.
 """
 import argparse
 import atexit
