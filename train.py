@@ -304,13 +304,24 @@ def load_tokenizer(name, cfg):
     return tok
 
 
-def load_lm(name, cfg, device):
-    """fp32 weights (the master copy); attention = flash_attention_2 when importable on CUDA, else sdpa."""
-    from transformers import AutoModelForCausalLM
+def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
+    """fp32 weights (the master copy) unless dtype says otherwise; attention = flash_attention_2 when importable on CUDA, else sdpa.
+    empty=True reads only the config: parameters on the meta device (no memory), buffers (rotary tables) real. For
+    zero2/zero3, where shard_model splits it before init_shards gives each rank its slice of the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     folder, gguf = resolve_model(name)
     attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, attn_implementation=attn,
-                                              trust_remote_code=cfg.trust_remote_code)
+    kw = dict(attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    if empty:
+        from accelerate import init_empty_weights
+        with init_empty_weights(include_buffers=False):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=gguf, **kw),
+                                                  dtype=dtype, **kw)
+        lm.tie_weights()  # from_config leaves tied embeddings as two tensors; FSDP must see one shared parameter
+        with contextlib.suppress(OSError):  # generation_config.json travels into our checkpoints' HF export
+            lm.generation_config = GenerationConfig.from_pretrained(folder)
+        return lm
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, **kw)
     if gguf:  # GGUF weights are dequantised to fp32 at load: a plain model, so let save_pretrained write it
         lm.hf_quantizer = None
         lm.config.__dict__.pop("quantization_config", None)
@@ -332,6 +343,22 @@ def shard_model(policy, cfg, cuda, local_rank, world, train=True):
     for layer in policy.lm.get_decoder().layers:
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
     return fully_shard(policy, mp_policy=mp, reshard_after_forward=reshard)
+
+
+def init_shards(model, full_state, device):
+    """Allocates the shards of a model that shard_model split while it was on the meta device, restores its buffers
+    (to_empty leaves them uninitialised) and, unless full_state is None, fills the shards from the full state dict
+    that rank 0 holds (the other ranks pass {}): rank 0 broadcasts it tensor by tensor and each rank keeps its slice,
+    cast to its shards' dtype. So the full model exists once per job, in rank 0's host memory, not once per GPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    if full_state is not None:
+        set_model_state_dict(model, dict(full_state),  # a copy: it puts the loaded shards into the dict it gets
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 @contextlib.contextmanager
@@ -366,8 +393,9 @@ def checkpoints(out):
 
 def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master):
     """Called on every rank. step_NNNNNN/: model/ (the full model: HF save_pretrained, safetensors, + tokenizer) and
-    state.pt (step, sampler, consecutive bad steps; the optimizer too under ddp). Under zero2/zero3 the optimizer is
-    in optim/, a sharded torch.distributed.checkpoint that loads on any number of ranks. Written as .tmp, renamed."""
+    state.pt (step, sampler, consecutive bad steps; the optimizer too under ddp). Under zero2/zero3, shards/ holds
+    the fp32 parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks) and model/ is
+    an export gathered on rank 0. Written as .tmp, then renamed."""
     final = os.path.join(out, f"step_{step:06d}")
     tmp = final + ".tmp"
     if master:
@@ -382,9 +410,12 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        dcp.save({"optim": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optim"))
+        dcp.save({"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)},
+                 checkpoint_id=os.path.join(tmp, "shards"))
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        weights = {k.removeprefix("lm."): v for k, v in full.items()}  # gathered on rank 0 only
+        tied = {n for n, _ in lm.named_parameters(remove_duplicate=False)} - {n for n, _ in lm.named_parameters()}
+        weights = {k.removeprefix("lm."): v for k, v in full.items()  # gathered on rank 0 only
+                   if k.removeprefix("lm.") not in tied}  # a tied lm_head is saved once, as HF does
     if master:
         lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
@@ -395,7 +426,8 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dist.barrier()
 
 
-def load_optimizer(ckpt, state, policy, optimizer, cfg):
+def load_training_state(ckpt, state, policy, optimizer, cfg):
+    """Resume: the optimizer (ddp; its weights came with load_lm), or the parameter and Adam shards (zero2/zero3)."""
     if state["shard"] != cfg.shard and "ddp" in (state["shard"], cfg.shard):
         sys.exit(f"error: {ckpt} was written with --shard={state['shard']}; resume it with that --shard "
                  f"(zero2 and zero3 checkpoints are interchangeable)")
@@ -403,10 +435,12 @@ def load_optimizer(ckpt, state, policy, optimizer, cfg):
         optimizer.load_state_dict(state["optimizer"])
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    osd = get_optimizer_state_dict(policy, optimizer)
-    dcp.load({"optim": osd}, checkpoint_id=os.path.join(ckpt, "optim"))
-    set_optimizer_state_dict(policy, optimizer, osd)
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    sd = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+    dcp.load(sd, checkpoint_id=os.path.join(ckpt, "shards"))  # each rank reads its own slices
+    set_model_state_dict(policy, sd["model"])
+    set_optimizer_state_dict(policy, optimizer, sd["optim"])
 
 
 def run_info(cfg):
@@ -483,22 +517,36 @@ def main(argv, score=None):
         f"than {cfg.max_prompt_len} tokens dropped) | {world} ranks x {local_prompts} prompts x {G} samples | "
         f"{cfg.mini_batches} mini-batches of {cfg.prompts_per_step // cfg.mini_batches * G} responses")
 
-    lm = load_lm(ckpts[-1] + "/model" if ckpts else cfg.model, cfg, device)
+    ref_dtype = torch.bfloat16 if cuda else torch.float32  # the frozen reference only runs inference
+    if cfg.shard == "ddp":  # a full replica on every rank (resumed from the checkpoint's export)
+        lm = load_lm(ckpts[-1] + "/model" if ckpts else cfg.model, cfg, device)
+        ref_lm = load_lm(cfg.model, cfg, device, ref_dtype) if cfg.kl_coef > 0 else None
+    else:  # meta-device models, sharded, then filled from rank 0's copy of the initial weights (or the checkpoint)
+        lm = load_lm(cfg.model, cfg, device, empty=True)
+        ref_lm = load_lm(cfg.model, cfg, device, ref_dtype, empty=True) if cfg.kl_coef > 0 else None
+        init = {}  # the initial weights, on rank 0 only, when the policy (fresh run) or the reference needs them
+        if master and (not ckpts or ref_lm is not None):
+            init = {"lm." + k: v for k, v in load_lm(cfg.model, cfg, torch.device("cpu")).state_dict().items()}
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = lm.config._attn_implementation == "flash_attention_2"  # pack only where attention is varlen
     policy = shard_model(Policy(lm), cfg, cuda, local_rank, world)
     ref = None
-    if cfg.kl_coef > 0:  # frozen initial model; bf16 on GPU (it only runs inference)
-        ref = Policy(load_lm(cfg.model, cfg, device).to(torch.bfloat16 if cuda else torch.float32)).eval()
+    if ref_lm is not None:  # the frozen initial model
+        ref = Policy(ref_lm).eval()
         ref.requires_grad_(False)
         ref = shard_model(ref, cfg, cuda, local_rank, world, train=False)
+    if cfg.shard != "ddp":
+        init_shards(policy, None if ckpts else init, device)  # a resumed policy loads its shards below
+        if ref is not None:
+            init_shards(ref, init, device)
+        del init
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=cuda)
     start, bad_steps = 0, 0
     if ckpts:
         state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu")
-        load_optimizer(ckpts[-1], state, policy, optimizer, cfg)
+        load_training_state(ckpts[-1], state, policy, optimizer, cfg)
         sampler.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
         log(f"resuming from {ckpts[-1]} (step {start})")

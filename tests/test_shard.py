@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_model
 from test_train import data_file, flags, metrics, run  # noqa: F401  (data_file is a fixture)
 
 TORCHRUN2 = ("torchrun", "--standalone", "--nproc_per_node=2", "train.py")
@@ -29,8 +30,26 @@ def test_zero2_zero3_match_ddp(model_dir, data_file, tmp_path):
         assert set(w) == set(ref)
         for k in ref:
             assert torch.allclose(w[k], ref[k], rtol=1e-5, atol=1e-6), (shard, k, (w[k] - ref[k]).abs().max())
-        assert os.path.isdir(os.path.join(outs[shard], "step_000002", "optim"))
+        assert os.path.isdir(os.path.join(outs[shard], "step_000002", "shards"))
         assert [m["reward"] for m in metrics(outs[shard])] == [m["reward"] for m in metrics(outs["ddp"])]
+
+
+@pytest.mark.slow
+def test_zero3_tied_embeddings_stay_tied(tokenizer, data_file, tmp_path):
+    """zero3 builds the model on the meta device and loads rank 0's weights into the shards: tied input/output
+    embeddings (Qwen2.5-0.5B/1.5B, SmolLM2) must remain ONE trained parameter, as under ddp."""
+    model_dir = str(tmp_path / "tied")
+    make_model(tokenizer, tie_word_embeddings=True).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    outs = {}
+    for shard in ("ddp", "zero3"):
+        outs[shard] = str(tmp_path / shard)
+        r = run(flags(model_dir, data_file, outs[shard], shard=shard, steps=2, lr=1e-2), launcher=TORCHRUN2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(outs["ddp"], 2), weights(outs["zero3"], 2)
+    assert set(a) == set(b) and "lm_head.weight" not in a  # saved once, as a tied model
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max())
 
 
 @pytest.mark.slow
