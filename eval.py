@@ -182,13 +182,16 @@ def grade(rows):
 
 
 def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, top_p=1.0, max_new_tokens=16384,
-             n=1, limit=None, batch_size=32, rank=0, world=1, seed=0):
+             n=1, limit=None, batch_size=32, rank=0, world=1, seed=0, tp_group=None):
     """n responses per problem of each benchmark, graded -> (rows, summary) on rank 0, (None, None) on the others.
     Every rank must call it (rank 0 gathers). Leaves the weights and the caller's RNG as they were, and the model in
-    train mode if it was in train mode."""
-    mine = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank::world]
-    prompts = [tokenizer(TEMPLATES[template].replace("{question}", p["question"]))["input_ids"] for p in mine]
-    order = sorted(range(len(mine)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
+    train mode if it was in train mode. tp_group: `model` is tensor-parallel over groups of consecutive ranks
+    (train.tensor_parallel_copy); a group takes one share of the problems and decodes each batch of it together."""
+    tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
+    share = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank // tp::world // tp]
+    prompts = [tokenizer(TEMPLATES[template].replace("{question}", p["question"]))["input_ids"] for p in share]
+    order = sorted(range(len(share)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
+    mine = []
     stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(template, []))
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
@@ -197,14 +200,15 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
                 torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as in training
             torch.manual_seed(seed + rank)
             for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+                batch = order[start:start + batch_size][tp_rank::tp]  # this rank's part of its group's batch
                 ro = generate(model, [prompts[i] for i in batch], n, max_new_tokens, temperature, top_p, stop_ids,
-                              tokenizer.pad_token_id, progress=rank == 0)  # prompt-major rows
+                              tokenizer.pad_token_id, progress=rank == 0, tp_group=tp_group)  # prompt-major rows
                 texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)])
                 for j, i in enumerate(batch):
                     own = slice(j * n, (j + 1) * n)  # the n samples of problem i
-                    mine[i].update(responses=texts[own], finish_reasons=ro.finish_reason[own],
-                                   lengths=ro.lengths[own].tolist())
+                    share[i].update(responses=texts[own], finish_reasons=ro.finish_reason[own],
+                                    lengths=ro.lengths[own].tolist())
+                    mine.append(share[i])
     finally:
         model.train(was_training)
     grade(mine)  # each rank grades its own share

@@ -43,6 +43,11 @@ class Rollout:
     finish_reason: list[str]      # B x "stop" (emitted a stop token) | "length" (hit max_new_tokens)
     logprobs: torch.Tensor | None = None  # (B, R) log p(token) at the sampling temperature, from the decode pass
 
+    def rows(self, i):
+        """The Rollout of rows i (a slice)."""
+        return Rollout(self.prompt_ids[i], self.response_ids[i], self.response_mask[i], self.lengths[i],
+                       self.finish_reason[i], None if self.logprobs is None else self.logprobs[i])
+
 
 class _Progress(StoppingCriteria):
     """Never stops anything: ticks a progress bar once per decode step."""
@@ -127,9 +132,11 @@ def _generate_pad(model, prompts, n, max_new_tokens, temperature, top_p, stop_id
     return tokens.cpu(), logprobs.cpu()
 
 
-def _generate_drop(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar):
+def _generate_drop(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
+                   tp_group=None):
     """Own decode loop: prefill B0 prompts once, repeat their cache to B = B0*n rows, drop rows as they stop.
-    -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None."""
+    -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None. With tp_group, the ranks of a tensor-parallel
+    model decode the same batch together, and every rank takes the tokens its group's first rank sampled."""
     device = next(model.parameters()).device
     ids, attn = (x.to(device) for x in left_pad(prompts, pad_id))  # (B0, P)
     cache = DynamicCache(config=model.config)
@@ -146,6 +153,8 @@ def _generate_drop(model, prompts, n, max_new_tokens, temperature, top_p, stop_i
     stop = torch.tensor(stop_ids, device=device)
     for t in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p)  # (b,)
+        if tp_group is not None:  # one draw per group, so its ranks never disagree on which rows are still live
+            torch.distributed.broadcast(nxt, torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
         tokens[rows, t] = nxt
         if return_logprobs:
             z = logits / (temperature or 1.0)  # (b, V)
@@ -209,12 +218,23 @@ def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids
 
 @torch.no_grad()
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False, engine="drop", max_prompts=0):
+             progress=False, engine="drop", max_prompts=0, tp_group=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
     engine: "drop" (default: the fastest measured, BENCHMARKS.md) | "pad" | "cb" (see the file docstring).
-    max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it)."""
+    max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it).
+    tp_group: the process group of a tensor-parallel model (train.tensor_parallel_copy). Its ranks decode the prompts
+    of all of them together, as one batch, and each gets the rows of its own prompts. Engine "drop" only."""
     if engine not in ("pad", "drop", "cb"):
         raise ValueError(f"engine={engine!r}: expected 'pad', 'drop' or 'cb'")
+    if tp_group is not None and engine != "drop":
+        raise ValueError("a tensor-parallel model (tp_group) generates with engine='drop' only")
+    own = slice(0, len(prompt_ids) * n)  # the caller's rows
+    if tp_group is not None:
+        pooled = [None] * torch.distributed.get_world_size(tp_group)
+        torch.distributed.all_gather_object(pooled, prompt_ids, group=tp_group)
+        before = sum(map(len, pooled[:torch.distributed.get_rank(tp_group)]))
+        own = slice(before * n, (before + len(prompt_ids)) * n)
+        prompt_ids = sum(pooled, [])
     chunk = max_prompts or len(prompt_ids)
     chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
     bar = _Progress(max_new_tokens * len(chunks), progress)
@@ -222,8 +242,12 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     try:
         for c in chunks:
             args = (model, c, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs)
-            fn = dict(pad=_generate_pad, drop=_generate_drop, cb=_generate_cb)[engine]
-            outs.append(fn(*args, bar if engine == "pad" else bar.bar))
+            if engine == "drop":
+                outs.append(_generate_drop(*args, bar.bar, tp_group))
+            elif engine == "pad":
+                outs.append(_generate_pad(*args, bar))
+            else:
+                outs.append(_generate_cb(*args, bar.bar))
     finally:
         bar.bar.close()
     R = max(t.shape[1] for t, _ in outs)
@@ -233,4 +257,4 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     return Rollout(
         prompt_ids=[p for p in prompt_ids for _ in range(n)], response_ids=tokens.masked_fill(~mask, pad_id),
         response_mask=mask, lengths=lengths, finish_reason=["stop" if s else "length" for s in stopped.tolist()],
-        logprobs=None if logprobs is None else logprobs * mask)
+        logprobs=None if logprobs is None else logprobs * mask).rows(own)

@@ -68,6 +68,7 @@ class Config:
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     engine: str = "drop"            # rollout engine: drop (decode loop dropping finished rows) | pad (HF generate) | cb
     rollout_prompts: int = 12       # prompts per generate call: bounds the KV cache (MEMORY.md's rows/call / G); 0 = all
+    gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
     eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks
     eval_data_dir: str = "data/benchmarks"    # holds <benchmark>/test.jsonl (eval.py's layouts)
@@ -76,10 +77,12 @@ class Config:
 
 ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", template="qwen-boxed")
 PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
-    # 7B+ cannot hold a full fp32 replica + Adam per 80 GB GPU (16 B/param), so they shard (zero3); small ones replicate
+    # 7B+ cannot hold a full fp32 replica + Adam per 80 GB GPU (16 B/param), so they shard (zero3); small ones replicate.
+    # 14B/32B generate on a bf16 copy split over the 8 GPUs of a node (gen_tp): one full copy per GPU leaves the KV
+    # cache ~2 (14B) or 0 (32B) prompts' room. rollout_prompts: MEMORY.md's rows/call / 8 (per tp group under gen_tp)
     "7b": dict(ZOO, out="runs/7b"),
-    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", rollout_prompts=2, out="runs/14b"),
-    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, rollout_prompts=1, out="runs/32b"),
+    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", gen_tp=8, rollout_prompts=24, out="runs/14b"),
+    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, gen_tp=8, rollout_prompts=24, out="runs/32b"),
     "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, rollout_prompts=32, out="runs/math-7b"),
     "1.5b": dict(ZOO, model="Qwen/Qwen2.5-1.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level3to5",
                  template="abel", shard="ddp", rollout_prompts=14, out="runs/1.5b"),
@@ -128,9 +131,11 @@ def parse_config(argv):
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
                      (min(cfg.prompts_per_step, cfg.mini_batches, cfg.micro_batch_tokens, cfg.steps,
-                          cfg.save_every, cfg.max_response_len) < 1,
-                      "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --save_every and "
-                      "--max_response_len must be >= 1"),
+                          cfg.save_every, cfg.max_response_len, cfg.gen_tp) < 1,
+                      "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --save_every, "
+                      "--max_response_len and --gen_tp must be >= 1"),
+                     (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
+                     (cfg.gen_tp > 1 and cfg.engine != "drop", "--gen_tp > 1 needs --engine=drop"),
                      (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
         if bad:
             sys.exit(f"error: {msg}")
@@ -305,7 +310,8 @@ def load_tokenizer(name, cfg):
 
 
 def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
-    """fp32 weights (the master copy) unless dtype says otherwise; attention = flash_attention_2 when importable on CUDA, else sdpa.
+    """fp32 weights (the master copy) unless dtype says otherwise; attention = flash_attention_2 when importable on
+    CUDA, else sdpa.
     empty=True reads only the config: parameters on the meta device (no memory), buffers (rotary tables) real. For
     zero2/zero3, where shard_model splits it before init_shards gives each rank its slice of the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -346,10 +352,10 @@ def shard_model(policy, cfg, cuda, local_rank, world, train=True):
 
 
 def init_shards(model, full_state, device):
-    """Allocates the shards of a model that shard_model split while it was on the meta device, restores its buffers
-    (to_empty leaves them uninitialised) and, unless full_state is None, fills the shards from the full state dict
-    that rank 0 holds (the other ranks pass {}): rank 0 broadcasts it tensor by tensor and each rank keeps its slice,
-    cast to its shards' dtype. So the full model exists once per job, in rank 0's host memory, not once per GPU."""
+    """Allocates the shards of a model split on the meta device (shard_model, tensor_parallel_copy), restores its
+    buffers (to_empty leaves them uninitialised) and, unless full_state is None, fills the shards from the full state
+    dict that rank 0 holds (the other ranks pass {}): rank 0 broadcasts it tensor by tensor and each rank keeps its
+    slice, cast to its shards' dtype. So the full model exists once per job, in rank 0's host memory, not once per GPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
@@ -359,6 +365,67 @@ def init_shards(model, full_state, device):
     if full_state is not None:
         set_model_state_dict(model, dict(full_state),  # a copy: it puts the loaded shards into the dict it gets
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def tp_plan(config, tp):
+    """The model's own tensor-parallel plan ({module pattern: "colwise" | "rowwise"}, Megatron-style: attention by
+    heads, the MLP by columns) checked against `tp` ranks -> plan, or exits with one line."""
+    plan = getattr(config, "base_model_tp_plan", None) or {}
+    heads = [getattr(config, k, 0) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")]
+    if not plan or set(plan.values()) - {"colwise", "rowwise"}:
+        sys.exit(f"error: --gen_tp={tp}: {config.model_type} has no colwise/rowwise tensor-parallel plan; "
+                 "use --gen_tp=1")
+    if any(h % tp for h in heads):
+        sys.exit(f"error: --gen_tp={tp} does not divide {config.model_type}'s attention heads, KV heads and MLP width "
+                 f"{heads}; use a common divisor")
+    return plan
+
+
+def tensor_parallel_copy(config, tp, device, dtype):
+    """For models whose full copy does not fit next to its KV cache on one GPU (32B: 61 GiB in bf16): an inference
+    copy split over groups of `tp` consecutive ranks (one node) by tp_plan; embeddings, norms and lm_head are
+    replicated. copy_weights fills it before each rollout. -> (model, the rank's tp process group)."""
+    from accelerate import init_empty_weights
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from transformers import AutoModelForCausalLM
+    mesh = init_device_mesh(device.type, (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=config._attn_implementation)
+    model.tie_weights()
+    style = dict(colwise=ColwiseParallel, rowwise=RowwiseParallel)
+    plan = {f"{model.base_model_prefix}.{k}": style[v]() for k, v in tp_plan(config, tp).items()}
+    parallelize_module(model, mesh, plan)  # e.g. model.layers.*.self_attn.q_proj: ColwiseParallel()
+    init_shards(model, None, device)
+    return model.eval(), mesh.get_group()
+
+
+@torch.no_grad()
+def copy_weights(policy, model, tp_group):
+    """policy's current weights -> the tensor-parallel copy, one FSDP unit (decoder layer, then the root) gathered
+    at a time, so no full model ever exists on a GPU; each rank keeps its slice of the split weights."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    module = policy.module if isinstance(policy, DDP) else policy
+    if isinstance(module, FSDPModule):
+        module._get_fsdp_state()._lazy_init()  # private: as in gathered()
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    for prefix, unit in module.named_modules():
+        fsdp = isinstance(unit, FSDPModule)
+        if unit is not module and not fsdp:
+            continue
+        if fsdp:
+            unit.unshard()
+        for name, p in unit.named_parameters(prefix=prefix):
+            if isinstance(p, DTensor):  # a parameter of another FSDP unit, still sharded: copied with its unit
+                continue
+            q = model.get_parameter(name.removeprefix("lm."))
+            if isinstance(q, DTensor):  # Shard(d) over the tp group: this rank's chunk
+                q.to_local().copy_(p.chunk(tp, q.placements[0].dim)[tp_rank])
+            else:
+                q.copy_(p)
+        if fsdp:
+            unit.reshard()
 
 
 @contextlib.contextmanager
@@ -474,6 +541,10 @@ def main(argv, score=None):
         sys.exit(f"error: --prompts_per_step={cfg.prompts_per_step} is not divisible by the {world} ranks; "
                  f"use a multiple of {world}")
     local_prompts = cfg.prompts_per_step // world
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # a tp group must sit on one node (NVLink)
+    if world % cfg.gen_tp or per_node % cfg.gen_tp:
+        sys.exit(f"error: --gen_tp={cfg.gen_tp} does not divide the {world} ranks ({per_node} per node); "
+                 f"use a divisor of --nproc_per_node")
     if local_prompts % cfg.mini_batches:
         sys.exit(f"error: each rank's {local_prompts} prompts do not split into --mini_batches={cfg.mini_batches}; "
                  f"make prompts_per_step a multiple of world_size * mini_batches = {world * cfg.mini_batches}")
@@ -498,6 +569,10 @@ def main(argv, score=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []))
+    if cfg.gen_tp > 1:
+        from transformers import AutoConfig
+        folder, gguf = resolve_model(cfg.model)
+        tp_plan(AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code), cfg.gen_tp)
     ckpts = checkpoints(cfg.out)
 
     cuda = torch.cuda.is_available()
@@ -541,6 +616,9 @@ def main(argv, score=None):
         if ref is not None:
             init_shards(ref, init, device)
         del init
+    gen_lm, tp_group = None, None  # the rollout's tensor-parallel copy of the policy (--gen_tp > 1)
+    if cfg.gen_tp > 1:
+        gen_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, ref_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=cuda)
     start, bad_steps = 0, 0
@@ -573,10 +651,18 @@ def main(argv, score=None):
 
         # 1. Rollout: G samples per prompt, prompt-major rows.
         lm.eval()
-        with autocast, gathered(policy, cfg):
-            ro = generate(lm, [prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature, cfg.top_p,
-                          stop_ids, tokenizer.pad_token_id, progress=master, engine=cfg.engine,
-                          max_prompts=cfg.rollout_prompts)
+        prompts = [prompt_ids[i] for i in idx]
+        if gen_lm is not None:  # the tp group decodes its ranks' prompts together; each gets its own rows back
+            copy_weights(policy, gen_lm, tp_group)
+            with autocast:
+                ro = generate(gen_lm, prompts, G, cfg.max_response_len, cfg.temperature, cfg.top_p, stop_ids,
+                              tokenizer.pad_token_id, progress=master, max_prompts=cfg.rollout_prompts,
+                              tp_group=tp_group)
+        else:
+            with autocast, gathered(policy, cfg):
+                ro = generate(lm, prompts, G, cfg.max_response_len, cfg.temperature, cfg.top_p, stop_ids,
+                              tokenizer.pad_token_id, progress=master, engine=cfg.engine,
+                              max_prompts=cfg.rollout_prompts)
         lm.train()
         t1 = time.time()
 
@@ -644,9 +730,12 @@ def main(argv, score=None):
                  peak_mem_gb=peak_memory_gb(device))
         if cfg.eval_every and step % cfg.eval_every == 0:  # greedy, the Zoo's validation; every rank takes part
             from eval import evaluate
-            with gathered(policy, cfg):
-                _, summary = evaluate(lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir, cfg.template,
-                                      max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit, rank=rank, world=world)
+            if gen_lm is not None:
+                copy_weights(policy, gen_lm, tp_group)
+            with gathered(policy, cfg) if gen_lm is None else contextlib.nullcontext():
+                _, summary = evaluate(gen_lm or lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir,
+                                      cfg.template, max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit,
+                                      rank=rank, world=world, tp_group=tp_group)
             if master:
                 accs = {b: v["acc"] for b, v in summary.items() if b != "average"}  # percent
                 m.update({f"eval_{b}": acc for b, acc in accs.items()})

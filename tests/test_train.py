@@ -47,7 +47,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     with pytest.raises(SystemExit, match="unknown --preset"):
         train.parse_config(["--preset=70b"])
     for bad, msg in [("--samples_per_prompt=1", "must be >= 2"), ("--rollout_prompts=-1", "must be >= 0"),
-                     ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in")]:
+                     ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in"),
+                     ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
@@ -58,6 +59,13 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     assert cfg.shard == "zero3" and train.parse_config(["--preset=0.5b"]).shard == "ddp"
     assert train.parse_config(["--preset=32b"]).kl_coef == 1e-3
     assert train.parse_config(["--preset=math-7b"]).max_response_len == 3072
+    with pytest.raises(SystemExit, match="needs --engine=drop"):
+        train.parse_config(["--gen_tp=2", "--engine=pad"])
+    from transformers import Qwen2Config  # the 32B's shape: 40 heads, 8 KV heads, MLP 27648
+    qwen32 = Qwen2Config(num_attention_heads=40, num_key_value_heads=8, intermediate_size=27648)
+    assert train.tp_plan(qwen32, 8)["layers.*.self_attn.o_proj"] == "rowwise"
+    with pytest.raises(SystemExit, match="does not divide"):
+        train.tp_plan(qwen32, 16)
     # process-level: one error line, non-zero exit, before any model is loaded
     r = run(["--bogus=1"])
     assert r.returncode != 0 and "unknown flag" in r.stderr
@@ -65,6 +73,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     assert r.returncode != 0 and "missing.jsonl" in r.stderr and "Loading weights" not in r.stderr + r.stdout
     r = run(flags(model_dir, data_file, str(tmp_path / "o"), prompts_per_step=4), env=dict(WORLD_SIZE="3"))
     assert r.returncode != 0 and "not divisible by the 3 ranks" in r.stderr
+    r = run(flags(model_dir, data_file, str(tmp_path / "o"), gen_tp=2))
+    assert r.returncode != 0 and "--gen_tp=2 does not divide the 1 ranks" in r.stderr
     r = run(flags(model_dir, data_file, str(tmp_path / "o"), max_prompt_len=5))
     assert r.returncode != 0 and "max_prompt_len" in r.stderr
     r = run(flags(str(tmp_path / "no_model"), data_file, str(tmp_path / "o")))
