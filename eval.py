@@ -316,7 +316,8 @@ def main(argv):
         print(f"eval {len(jobs)} model(s) | {','.join(benchmarks)} | template {template} | T {cfg.temperature} | "
               f"top_p {cfg.top_p} | {cfg.max_new_tokens} new tokens | n {cfg.n} | {world} ranks", flush=True)
     for name, out in jobs:
-        t0, tokenizer, lm = time.time(), load_tokenizer(name, cfg), load_lm(name, cfg, device)
+        t0, tokenizer = time.time(), load_tokenizer(name, cfg)
+        lm = load_lm(name, cfg, device, torch.bfloat16 if cuda else torch.float32)  # inference only: bf16 on GPU
         rows, summary = evaluate(lm, tokenizer, benchmarks, cfg.data_dir, template, cfg.temperature, cfg.top_p,
                                  cfg.max_new_tokens, cfg.n, cfg.limit, cfg.batch_size, rank, world, cfg.seed)
         if master:

@@ -62,6 +62,7 @@ class Config:
     grad_ckpt: bool = True          # gradient checkpointing in the update
     steps: int = 100                # rollout batches (100 ~ 12 epochs of 8,532 prompts)
     save_every: int = 5             # checkpoint every N steps (and at the end)
+    keep_last: int = 2              # newest N checkpoints keep their training state; older keep model/ only; 0 = all
     out: str = "runs/7b"            # run directory
     seed: int = 0
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
@@ -459,10 +460,11 @@ def checkpoints(out):
 
 
 def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master):
-    """Called on every rank. step_NNNNNN/: model/ (the full model: HF save_pretrained, safetensors, + tokenizer) and
-    state.pt (step, sampler, consecutive bad steps; the optimizer too under ddp). Under zero2/zero3, shards/ holds
-    the fp32 parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks) and model/ is
-    an export gathered on rank 0. Written as .tmp, then renamed."""
+    """Called on every rank. step_NNNNNN/: model/ (the full model: HF save_pretrained, safetensors, + tokenizer),
+    state.pt (step, sampler, consecutive bad steps) and the optimizer: optim.pt under ddp; under zero2/zero3,
+    shards/ holds the fp32 parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks)
+    and model/ is an export gathered on rank 0. Written as .tmp, then renamed. With cfg.keep_last, older checkpoints
+    then lose their training state (they stay for eval) once this one is complete."""
     final = os.path.join(out, f"step_{step:06d}")
     tmp = final + ".tmp"
     if master:
@@ -471,9 +473,7 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dist.barrier()
     state = dict(step=step, sampler=sampler.state_dict(), bad_steps=bad_steps, shard=cfg.shard)
     weights = None  # ddp: the replica's own state dict
-    if cfg.shard == "ddp":
-        state["optimizer"] = optimizer.state_dict()
-    else:
+    if cfg.shard != "ddp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -486,9 +486,16 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
     if master:
         lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        if cfg.shard == "ddp":
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
         os.replace(tmp, final)
+        for old in checkpoints(out)[:-cfg.keep_last] if cfg.keep_last else []:
+            for name in ("state.pt", "optim.pt"):  # state.pt first: a checkpoint without it is never resumed from
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(old, name))
+            shutil.rmtree(os.path.join(old, "shards"), ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
 
@@ -499,7 +506,7 @@ def load_training_state(ckpt, state, policy, optimizer, cfg):
         sys.exit(f"error: {ckpt} was written with --shard={state['shard']}; resume it with that --shard "
                  f"(zero2 and zero3 checkpoints are interchangeable)")
     if cfg.shard == "ddp":
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True, map_location="cpu"))
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -573,7 +580,7 @@ def main(argv, score=None):
         from transformers import AutoConfig
         folder, gguf = resolve_model(cfg.model)
         tp_plan(AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code), cfg.gen_tp)
-    ckpts = checkpoints(cfg.out)
+    ckpts = [c for c in checkpoints(cfg.out) if os.path.exists(os.path.join(c, "state.pt"))]  # resumable ones
 
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")

@@ -100,9 +100,19 @@ def test_train_with_tensor_parallel_rollout(model_dir, data_file, tmp_path):
 
 
 @pytest.mark.slow
+def test_four_ranks_two_tensor_parallel_groups(model_dir, data_file, tmp_path):
+    """4 ranks = 2 data-parallel x 2-way tensor-parallel rollout groups (a 2x2 device mesh), zero3."""
+    out = str(tmp_path / "dp2tp2")
+    r = run(flags(model_dir, data_file, out, shard="zero3", gen_tp=2, mini_batches=1, steps=2),
+            launcher=("torchrun", "--standalone", "--nproc_per_node=4", "train.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 ranks x 1 prompts" in r.stdout and [m["step"] for m in metrics(out)] == [1, 2]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["update", "save"])
 def test_killed_zero3_run_restarts_and_matches_uninterrupted(model_dir, data_file, tmp_path, fault):
-    args = lambda out: flags(model_dir, data_file, out, shard="zero3", steps=4, save_every=1, lr=1e-2)
+    args = lambda out: flags(model_dir, data_file, out, shard="zero3", steps=4, save_every=1, lr=1e-2, keep_last=2)
     ref = str(tmp_path / "ref")
     r = run(args(ref), launcher=TORCHRUN2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -115,6 +125,9 @@ def test_killed_zero3_run_restarts_and_matches_uninterrupted(model_dir, data_fil
     a, b = weights(ref, 4), weights(out, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not [d for d in os.listdir(out) if d.endswith(".tmp")]
+    kept = {d: sorted(os.listdir(os.path.join(out, d))) for d in os.listdir(out) if d.startswith("step_")}
+    assert kept == {"step_000001": ["model"], "step_000002": ["model"],  # --keep_last=2
+                    "step_000003": ["model", "shards", "state.pt"], "step_000004": ["model", "shards", "state.pt"]}
 
 
 @pytest.mark.slow

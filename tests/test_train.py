@@ -105,11 +105,11 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     r = run(flags(model_dir, data_file, a, steps=4))
     assert r.returncode == 0, r.stderr
-    r = run(flags(model_dir, data_file, b, steps=2))
+    r = run(flags(model_dir, data_file, b, steps=2, keep_last=1))
     assert r.returncode == 0, r.stderr
     with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # a crash after step 2 left a step-3 line behind
         f.write(json.dumps(dict(step=3, reward=-1)) + "\n")
-    r = run(flags(model_dir, data_file, b, steps=4))
+    r = run(flags(model_dir, data_file, b, steps=4, keep_last=1))
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
@@ -123,6 +123,9 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
     assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # training moved the weights
     state = torch.load(os.path.join(b, "step_000004", "state.pt"), weights_only=True)
     assert state["step"] == 4 and state["sampler"]["pos"] == 16
+    # --keep_last=1: step 2 keeps its model for eval, not its training state (only the newest can be resumed)
+    assert sorted(os.listdir(os.path.join(b, "step_000002"))) == ["model"]
+    assert {"model", "optim.pt", "state.pt"} <= set(os.listdir(os.path.join(b, "step_000004")))
     assert not [d for d in os.listdir(b) if d.endswith(".tmp")]
 
 
