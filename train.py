@@ -356,7 +356,8 @@ def init_shards(model, full_state, device):
     """Allocates the shards of a model split on the meta device (shard_model, tensor_parallel_copy), restores its
     buffers (to_empty leaves them uninitialised) and, unless full_state is None, fills the shards from the full state
     dict that rank 0 holds (the other ranks pass {}): rank 0 broadcasts it tensor by tensor and each rank keeps its
-    slice, cast to its shards' dtype. So the full model exists once per job, in rank 0's host memory, not once per GPU."""
+    slice, cast to its shards' dtype. So the full model exists once per job, in rank 0's host memory, not once per
+    GPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
@@ -599,16 +600,18 @@ def main(argv, score=None):
         f"than {cfg.max_prompt_len} tokens dropped) | {world} ranks x {local_prompts} prompts x {G} samples | "
         f"{cfg.mini_batches} mini-batches of {cfg.prompts_per_step // cfg.mini_batches * G} responses")
 
-    ref_dtype = torch.bfloat16 if cuda else torch.float32  # the frozen reference only runs inference
+    infer_dtype = torch.bfloat16 if cuda else torch.float32  # inference-only models: reference, tp copy
     if cfg.shard == "ddp":  # a full replica on every rank (resumed from the checkpoint's export)
         lm = load_lm(ckpts[-1] + "/model" if ckpts else cfg.model, cfg, device)
-        ref_lm = load_lm(cfg.model, cfg, device, ref_dtype) if cfg.kl_coef > 0 else None
+        ref_lm = load_lm(cfg.model, cfg, device, infer_dtype) if cfg.kl_coef > 0 else None
     else:  # meta-device models, sharded, then filled from rank 0's copy of the initial weights (or the checkpoint)
         lm = load_lm(cfg.model, cfg, device, empty=True)
-        ref_lm = load_lm(cfg.model, cfg, device, ref_dtype, empty=True) if cfg.kl_coef > 0 else None
-        init = {}  # the initial weights, on rank 0 only, when the policy (fresh run) or the reference needs them
+        ref_lm = load_lm(cfg.model, cfg, device, infer_dtype, empty=True) if cfg.kl_coef > 0 else None
+        # rank 0 alone reads the initial weights (for a fresh policy and for the reference) in the checkpoint's own
+        # dtype (Qwen2.5: bf16, 2 bytes/param of host RAM); init_shards casts them exactly into the fp32 shards
+        init = {}
         if master and (not ckpts or ref_lm is not None):
-            init = {"lm." + k: v for k, v in load_lm(cfg.model, cfg, torch.device("cpu")).state_dict().items()}
+            init = {"lm." + k: v for k, v in load_lm(cfg.model, cfg, torch.device("cpu"), "auto").state_dict().items()}
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = lm.config._attn_implementation == "flash_attention_2"  # pack only where attention is varlen
@@ -625,7 +628,7 @@ def main(argv, score=None):
         del init
     gen_lm, tp_group = None, None  # the rollout's tensor-parallel copy of the policy (--gen_tp > 1)
     if cfg.gen_tp > 1:
-        gen_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, ref_dtype)
+        gen_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=cuda)
     start, bad_steps = 0, 0

@@ -72,12 +72,13 @@ def tp_copy(m, tp):
 def load_peak(m, mode, n, tp=1):
     """ddp: every rank loads the fp32 policy (4P), DDP allocates its gradient buckets (4P; the gradients are views
     into them), then the reference loads in bf16 (2P). zero2/zero3: the models are built on the meta device and
-    sharded; rank 0 alone reads the weights (into HOST memory, 4P) and broadcasts them tensor by tensor, so a GPU
-    holds its fp32 policy shards, its bf16 reference shards and one full tensor in flight (the embedding, fp32)."""
+    sharded; rank 0 alone reads the weights (into HOST memory, in the checkpoint's dtype: 2P for bf16 Qwen2.5) and
+    broadcasts them tensor by tensor, so a GPU holds its fp32 policy shards, its bf16 reference shards and one full
+    tensor in flight (the embedding, bf16)."""
     P = n_params(m)
     if mode == "ddp":
         return (4 + 4 * (n > 1) + 2) * P + tp_copy(m, tp)
-    return 4 * P / n + 2 * P / n + 4 * m.vocab * m.hidden + tp_copy(m, tp)
+    return 4 * P / n + 2 * P / n + 2 * m.vocab * m.hidden + tp_copy(m, tp)
 
 
 def resident(m, mode, n, phase, tp=1):

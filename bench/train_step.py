@@ -1,0 +1,113 @@
+"""Whole train.py steps on a random-weight model of a Qwen2.5 shape (no download), for measured GPU memory and step
+times next to bench/memory.py's estimate:
+
+    python bench/train_step.py --quick                                      # CPU, tiny shape, 2 gloo ranks, < 1 min
+    python bench/train_step.py --model_config=qwen2.5-1.5b --nproc=1 -- --shard=ddp --prompts_per_step=16
+    python bench/train_step.py --model_config=qwen2.5-7b --nproc=8 -- --shard=zero3 --prompts_per_step=64
+
+It writes a model folder (random weights, bf16 safetensors, built on the GPU when there is one, and a byte-level BPE
+tokenizer trained offline; cached in --cache), then runs `torchrun --standalone --nproc_per_node=NPROC train.py` on
+the built-in arithmetic data with the Zoo's settings (qwen-boxed template, 8 samples, kl_coef 1e-4) and the flags
+after `--`. A random model rarely emits a stop token, so nearly every response runs to --max_response_len: the
+rollout's KV cache is at its worst case, which is what the memory estimate assumes. Prints one JSON line per step
+(train.py's metrics: peak_mem_gb = torch.cuda.max_memory_allocated on GPU, process max RSS on CPU) and one with
+bench/memory.py's estimate for the same shape, shard mode, GPU count and micro-batch budget.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import memory  # noqa: E402  (bench/memory.py)
+from update import SHAPES  # noqa: E402  (bench/update.py: the Qwen2.5 shapes)
+
+SHAPE_OF = {"qwen2.5-1.5b": "1.5b", "qwen2.5-7b": "7b"}  # SHAPES name -> memory.MODELS name
+
+
+def build_model(name, folder, device):
+    """Random-weight Qwen2 of SHAPES[name] (bf16 on GPU, fp32 on CPU) + a byte-level BPE tokenizer -> folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What is 12 + 7? Please reason step by step, and put your final answer within \\boxed{}.",
+              "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"] * 8
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    cfg = Qwen2Config(**SHAPES[name], max_position_embeddings=32768, rope_theta=1e6,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def estimate(name, flags, nproc):
+    """bench/memory.py's per-GPU bytes for this run: max(load, rollout with the run's KV, update), in GiB."""
+    if name not in SHAPE_OF:
+        return None
+    import train
+    cfg = train.parse_config(["--preset=7b", *flags])  # the same defaults train.py will resolve
+    m = memory.MODELS[SHAPE_OF[name]]
+    gen = memory.resident(m, cfg.shard, nproc, "gen", cfg.gen_tp)
+    upd = memory.resident(m, cfg.shard, nproc, "update", cfg.gen_tp)
+    prompts = cfg.prompts_per_step // nproc * cfg.gen_tp  # per generating rank or tp group
+    rows = min(prompts, cfg.rollout_prompts or prompts) * cfg.samples_per_prompt
+    prompt_len = 64  # arithmetic prompts in the qwen-boxed template are ~40-60 tokens
+    kv = rows * ((prompt_len + cfg.max_response_len) * memory.kv_bytes_per_token(m, cfg.shard, cfg.gen_tp)
+                 + 14 * m.vocab)
+    act = memory.activations(m, cfg.shard, cfg.micro_batch_tokens)
+    parts = dict(load=memory.load_peak(m, cfg.shard, nproc, cfg.gen_tp), rollout=sum(gen.values()) + kv,
+                 update=sum(upd.values()) + act)
+    parts["peak"] = max(parts.values())
+    return {k: round(v / memory.GIB, 2) for k, v in parts.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model_config", default="qwen2.5-1.5b", choices=SHAPES)
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="CPU: tiny shape, 2 ranks, zero3, 2 short steps")
+    ap.add_argument("--cache", default="/tmp/zero_rl_bench_models")
+    ap.add_argument("--out", default="/tmp/zero_rl_bench_run")
+    args, flags = ap.parse_known_args()
+    flags = [f for f in flags if f != "--"]
+    if args.quick:
+        args.model_config, args.nproc = "tiny", 2
+        flags = ["--shard=zero3", "--prompts_per_step=4", "--max_response_len=16", "--steps=2",
+                 "--micro_batch_tokens=2048", *flags]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = os.path.join(args.cache, f"{args.model_config}-{device.type}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        build_model(args.model_config, folder, device)
+    base = dict(model=folder, data="arith", template="qwen-boxed", out=args.out, steps=2, save_every=1000,
+                prompts_per_step=8 * args.nproc, mini_batches=1, max_response_len=1024)
+    flags = [f"--{k}={v}" for k, v in base.items()] + flags  # later flags win
+    subprocess.run(["rm", "-rf", args.out])
+    r = subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "train.py", *flags], cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"error: train.py exited with {r.returncode}")
+    for line in open(os.path.join(args.out, "metrics.jsonl")):
+        m = json.loads(line)
+        print(json.dumps({k: m[k] for k in ("step", "peak_mem_gb", "t_step", "t_rollout", "t_logprobs", "t_update",
+                                            "gen_tok_s", "train_tok_s", "len_mean")}
+                         | dict(model_config=args.model_config, nproc=args.nproc, device=device.type,
+                                gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)))
+    est = estimate(args.model_config, [f for f in flags if not f.startswith(("--model=", "--data=", "--out="))],
+                   args.nproc)
+    print(json.dumps(dict(estimate_gib=est, note="bench/memory.py formulas for this run (None: not a Qwen2.5 shape)")))
+
+
+if __name__ == "__main__":
+    main()
