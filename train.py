@@ -501,13 +501,23 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dist.barrier()
 
 
-def load_training_state(ckpt, state, policy, optimizer, cfg):
-    """Resume: the optimizer (ddp; its weights came with load_lm), or the parameter and Adam shards (zero2/zero3)."""
+def check_resumable(ckpt, state, cfg):
+    """Exits with one line if this run cannot resume from ckpt (checked before any model is loaded)."""
     if state["shard"] != cfg.shard and "ddp" in (state["shard"], cfg.shard):
         sys.exit(f"error: {ckpt} was written with --shard={state['shard']}; resume it with that --shard "
                  f"(zero2 and zero3 checkpoints are interchangeable)")
+    if cfg.shard != "ddp" and not os.path.isdir(os.path.join(ckpt, "shards")):
+        sys.exit(f"error: {ckpt} has no shards/ (written by train.py before 2026-11-25, which kept only the optimizer "
+                 f"there); start a new run from its exported weights: --model={ckpt}/model --out=NEW_DIR")
+
+
+def load_training_state(ckpt, state, policy, optimizer, cfg):
+    """Resume: the optimizer (ddp; its weights came with load_lm), or the parameter and Adam shards (zero2/zero3)."""
     if cfg.shard == "ddp":
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True, map_location="cpu"))
+        optim = state.get("optimizer")  # (inside state.pt in checkpoints of train.py before 2026-11-25)
+        if optim is None:
+            optim = torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(optim)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -582,6 +592,9 @@ def main(argv, score=None):
         folder, gguf = resolve_model(cfg.model)
         tp_plan(AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code), cfg.gen_tp)
     ckpts = [c for c in checkpoints(cfg.out) if os.path.exists(os.path.join(c, "state.pt"))]  # resumable ones
+    state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu") if ckpts else None
+    if state:
+        check_resumable(ckpts[-1], state, cfg)
 
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -633,7 +646,6 @@ def main(argv, score=None):
                                   fused=cuda)
     start, bad_steps = 0, 0
     if ckpts:
-        state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu")
         load_training_state(ckpts[-1], state, policy, optimizer, cfg)
         sampler.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
