@@ -422,8 +422,9 @@ def copy_weights(policy, model, tp_group):
             if isinstance(p, DTensor):  # a parameter of another FSDP unit, still sharded: copied with its unit
                 continue
             q = model.get_parameter(name.removeprefix("lm."))
-            if isinstance(q, DTensor):  # Shard(d) over the tp group: this rank's chunk
-                q.to_local().copy_(p.chunk(tp, q.placements[0].dim)[tp_rank])
+            if isinstance(q, DTensor):  # Shard(d) over the tp group: this rank's chunk (Replicate: all of it)
+                place = q.placements[0]
+                q.to_local().copy_(p.chunk(tp, place.dim)[tp_rank] if place.is_shard() else p)
             else:
                 q.copy_(p)
         if fsdp:
