@@ -640,9 +640,15 @@ def main(argv, score=None):
         if ref is not None:
             init_shards(ref, init, device)
         del init
-    gen_lm, tp_group = None, None  # the rollout's tensor-parallel copy of the policy (--gen_tp > 1)
+    rollout_lm, tp_group = lm, None  # what generates: the policy itself, or its tensor-parallel copy (--gen_tp > 1)
     if cfg.gen_tp > 1:
-        gen_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)
+        rollout_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)
+
+    def current_weights():  # the policy's weights, ready for rollout_lm to generate with
+        if tp_group is None:
+            return gathered(policy, cfg)  # zero2/zero3: gathered once for the whole rollout
+        copy_weights(policy, rollout_lm, tp_group)
+        return contextlib.nullcontext()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=cuda)
     start, bad_steps = 0, 0
@@ -674,18 +680,10 @@ def main(argv, score=None):
 
         # 1. Rollout: G samples per prompt, prompt-major rows.
         lm.eval()
-        prompts = [prompt_ids[i] for i in idx]
-        if gen_lm is not None:  # the tp group decodes its ranks' prompts together; each gets its own rows back
-            copy_weights(policy, gen_lm, tp_group)
-            with autocast:
-                ro = generate(gen_lm, prompts, G, cfg.max_response_len, cfg.temperature, cfg.top_p, stop_ids,
-                              tokenizer.pad_token_id, progress=master, max_prompts=cfg.rollout_prompts,
-                              tp_group=tp_group)
-        else:
-            with autocast, gathered(policy, cfg):
-                ro = generate(lm, prompts, G, cfg.max_response_len, cfg.temperature, cfg.top_p, stop_ids,
-                              tokenizer.pad_token_id, progress=master, engine=cfg.engine,
-                              max_prompts=cfg.rollout_prompts)
+        with autocast, current_weights():  # with a tp_group, its ranks' prompts are decoded together, as one batch
+            ro = generate(rollout_lm, [prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature,
+                          cfg.top_p, stop_ids, tokenizer.pad_token_id, progress=master, engine=cfg.engine,
+                          max_prompts=cfg.rollout_prompts, tp_group=tp_group)
         lm.train()
         t1 = time.time()
 
@@ -753,10 +751,8 @@ def main(argv, score=None):
                  peak_mem_gb=peak_memory_gb(device))
         if cfg.eval_every and step % cfg.eval_every == 0:  # greedy, the Zoo's validation; every rank takes part
             from eval import evaluate
-            if gen_lm is not None:
-                copy_weights(policy, gen_lm, tp_group)
-            with gathered(policy, cfg) if gen_lm is None else contextlib.nullcontext():
-                _, summary = evaluate(gen_lm or lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir,
+            with current_weights():
+                _, summary = evaluate(rollout_lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir,
                                       cfg.template, max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit,
                                       rank=rank, world=world, tp_group=tp_group)
             if master:
