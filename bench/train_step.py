@@ -15,8 +15,8 @@ bench/memory.py's estimate for the same shape, shard mode, GPU count and micro-b
 """
 import argparse
 import json
-import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # train.py
 import memory  # noqa: E402  (bench/memory.py)
 from update import SHAPES  # noqa: E402  (bench/update.py: the Qwen2.5 shapes)
 
@@ -94,7 +95,7 @@ def main():
     base = dict(model=folder, data="arith", template="qwen-boxed", out=args.out, steps=2, save_every=1000,
                 prompts_per_step=8 * args.nproc, mini_batches=1, max_response_len=1024)
     flags = [f"--{k}={v}" for k, v in base.items()] + flags  # later flags win
-    subprocess.run(["rm", "-rf", args.out])
+    shutil.rmtree(args.out, ignore_errors=True)
     r = subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "train.py", *flags], cwd=ROOT)
     if r.returncode:
         sys.exit(f"error: train.py exited with {r.returncode}")
