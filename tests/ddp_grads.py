@@ -25,4 +25,5 @@ accumulate_gradients(policy, s, plan, n_tokens.item(), world, Config(kl_coef=1e-
                      torch.device("cpu"))
 if rank == 0:
     torch.save([p.grad for p in policy.module.parameters()], sys.argv[1])
+del policy  # a DDP reducer left for interpreter shutdown aborts the process now and then (gloo, torch 2.13)
 dist.destroy_process_group()
