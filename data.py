@@ -159,8 +159,9 @@ class Sampler:
     The prompt stream is an endless concatenation of per-epoch permutations of range(n): epoch e is
     torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)). Each step takes the next
     prompts_per_step indices of that stream (running on into the next epoch's permutation, so no prompt is
-    skipped) and rank r keeps batch[r::world]. The state is the global position in the stream, so a resumed
-    run sees the same prompts, even with a different world size (same prompts_per_step)."""
+    skipped; a step that straddles two epochs can hold a prompt twice) and rank r keeps batch[r::world]. The state
+    is the global position in the stream, so a resumed run sees the same prompts, even with a different world size
+    (same prompts_per_step)."""
 
     def __init__(self, n: int, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1):
         if n <= 0 or prompts_per_step <= 0:
@@ -191,12 +192,14 @@ class Sampler:
         return batch[self.rank::self.world]
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "epoch": self.pos // self.n, "n": self.n}  # plain ints (torch.load weights_only)
+        return {"pos": self.pos, "epoch": self.pos // self.n, "n": self.n, "seed": self.seed}  # plain ints
 
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n:
             raise DataError(f"sampler checkpoint was over {state['n']} prompts but this run has {self.n}; "
                             "resume with the same --data and --max_prompt_len")
+        if state.get("seed", self.seed) != self.seed:  # another permutation would replay some prompts, skip others
+            raise DataError(f"sampler checkpoint was written with --seed={state['seed']}; resume with that --seed")
         self.pos = int(state["pos"])
 
     @property

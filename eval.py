@@ -31,6 +31,7 @@ reward.py's answer extraction and comparison (see its docstring); olympiadbench 
 of ranks or the hardware (padding changes the arithmetic); sampled ones also depend on --seed.
 """
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -310,8 +311,8 @@ def main(argv):
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1:  # ranks that finish their share first wait for the others: allow an hour (NCCL's default: 10 min)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     if master:
         print(f"eval {len(jobs)} model(s) | {','.join(benchmarks)} | template {template} | T {cfg.temperature} | "
               f"top_p {cfg.top_p} | {cfg.max_new_tokens} new tokens | n {cfg.n} | {world} ranks", flush=True)

@@ -18,6 +18,7 @@ sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every ste
 """
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import importlib.util
 import json
@@ -119,6 +120,8 @@ def parse_flags(argv, config_cls, presets):
                     else kind(value))
         except (ValueError, KeyError):
             sys.exit(f"error: --{name}={value} is not a valid {kind.__name__}")
+        if kind is float and not math.isfinite(getattr(cfg, name)):  # float("nan") parses, then poisons the run
+            sys.exit(f"error: --{name}={value} is not a finite number")
     return cfg, set(args)
 
 
@@ -136,6 +139,7 @@ def parse_config(argv):
                       "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --save_every, "
                       "--max_response_len and --gen_tp must be >= 1"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
+                     (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
                      (cfg.gen_tp > 1 and cfg.engine != "drop", "--gen_tp > 1 needs --engine=drop"),
                      (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
         if bad:
@@ -262,16 +266,17 @@ def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device):
     return sums
 
 
-def plan_micro_batches(idx, seq_lens, budget, world, packed=False):
+def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu"):
     """Split samples idx into k chunks (sorted by length, near-equal counts) whose size (padded: count * longest;
     packed: sum of lengths) fits the token budget; k is the max over ranks so every rank runs the same number of
-    forward/backward passes (FSDP gathers weights in each)."""
+    forward/backward passes (FSDP gathers weights in each). device: where the process group's collectives run
+    (NCCL takes CUDA tensors only)."""
     order = sorted(idx, key=lambda i: -seq_lens[i])
     split = lambda k: [order[j * len(order) // k:(j + 1) * len(order) // k] for j in range(k)]
     size = lambda c: sum(seq_lens[i] for i in c) if packed else len(c) * seq_lens[c[0]]
     k = next((k for k in range(1, len(order) + 1) if all(size(c) <= budget for c in split(k))), len(order))
     if world > 1:
-        t = torch.tensor(k)
+        t = torch.tensor(k, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         k = int(t)
     return split(min(k, len(order)))
@@ -574,10 +579,14 @@ def main(argv, score=None):
     score = score or reward.score
     from rollout import generate, stop_token_ids
     tokenizer = load_tokenizer(cfg.model, cfg)
+    ckpts = [c for c in checkpoints(cfg.out) if os.path.exists(os.path.join(c, "state.pt"))]  # resumable ones
+    state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu") if ckpts else None
     try:
         examples, n_skipped = load_examples(cfg.data, cfg.template)
         prompt_ids, golds, n_long = tokenize_examples(examples, tokenizer, cfg.max_prompt_len)
         sampler = Sampler(len(prompt_ids), cfg.prompts_per_step, cfg.seed, rank, world)
+        if state:
+            sampler.load_state_dict(state["sampler"])  # checks it is the same prompt set and seed
         if len(prompt_ids) < cfg.prompts_per_step:
             raise DataError(f"only {len(prompt_ids)} usable prompts (of {len(examples)}; {n_long} longer than "
                             f"--max_prompt_len={cfg.max_prompt_len}) for --prompts_per_step={cfg.prompts_per_step}")
@@ -588,12 +597,22 @@ def main(argv, score=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []))
+    from transformers import AutoConfig
+    folder, gguf = resolve_model(cfg.model)
+    model_config = AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    longest = max(map(len, prompt_ids)) + cfg.max_response_len
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and longest > context:  # past its position range a model generates garbage, silently
+        sys.exit(f"error: the longest prompt + --max_response_len={cfg.max_response_len} is {longest} tokens, over "
+                 f"{cfg.model}'s context of {context}; lower --max_response_len (Qwen2.5-Math: --preset=math-7b)")
     if cfg.gen_tp > 1:
-        from transformers import AutoConfig
-        folder, gguf = resolve_model(cfg.model)
-        tp_plan(AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code), cfg.gen_tp)
-    ckpts = [c for c in checkpoints(cfg.out) if os.path.exists(os.path.join(c, "state.pt"))]  # resumable ones
-    state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu") if ckpts else None
+        tp_plan(model_config, cfg.gen_tp)
+    try:  # every rank writes here (zero: its checkpoint shards), so check it before loading anything
+        os.makedirs(cfg.out, exist_ok=True)
+        if not os.access(cfg.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out={cfg.out!r} ({e}); pass a writable folder")
     if state:
         check_resumable(ckpts[-1], state, cfg)
 
@@ -601,11 +620,14 @@ def main(argv, score=None):
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    # A collective may wait an hour (NCCL's default is 10 min): the other ranks wait while rank 0 alone reads, or
+    # downloads, the initial weights (zero2/zero3) and writes each checkpoint's HF export (32B: 131 GB).
+    timeout = datetime.timedelta(hours=1)
     if world > 1:  # a key space per torchrun restart: torch 2.13 keeps the dead attempt's peer addresses in its store
         store, _, _ = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, timeout=timeout)
     elif cfg.shard != "ddp":  # FSDP needs a process group, even of one
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # bf16 compute, fp32 master weights
@@ -654,7 +676,6 @@ def main(argv, score=None):
     start, bad_steps = 0, 0
     if ckpts:
         load_training_state(ckpts[-1], state, policy, optimizer, cfg)
-        sampler.load_state_dict(state["sampler"])
         start, bad_steps = state["step"], state["bad_steps"]
         log(f"resuming from {ckpts[-1]} (step {start})")
     if master:
@@ -664,7 +685,8 @@ def main(argv, score=None):
         for name in ("metrics.jsonl", "samples.jsonl"):  # drop steps logged after the checkpoint we resume from
             path = os.path.join(cfg.out, name)
             if os.path.exists(path):
-                kept = [l for l in open(path) if json.loads(l)["step"] <= start]
+                kept = [l for l in open(path)  # (a line cut short by a kill has no newline)
+                        if l.endswith("\n") and json.loads(l)["step"] <= start]
                 open(path, "w").writelines(kept)
 
     def all_sum(values):  # sum a list of floats over ranks
@@ -702,7 +724,7 @@ def main(argv, score=None):
                     pad_id=tokenizer.pad_token_id, packed=packed)
         seq_lens = [len(x) for x in s.seqs]
         minis = [list(range(j * B // cfg.mini_batches, (j + 1) * B // cfg.mini_batches)) for j in range(cfg.mini_batches)]
-        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, packed) for mb in minis]
+        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, packed, device) for mb in minis]
         module = policy.module if isinstance(policy, DDP) else policy
         with autocast:
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
@@ -736,7 +758,7 @@ def main(argv, score=None):
             B, rewards.sum().item(), (rewards.view(-1, G).std(1) == 0).sum().item(),
             sum(r == "length" for r in ro.finish_reason), ro.lengths.sum().item(),
             sum(g.status == "timeout" for g in grades), sum(g.status == "error" for g in grades)])
-        lmax, lmin = ro.lengths.max().clone(), ro.lengths.min().clone()
+        lmax, lmin = ro.lengths.max().to(device), ro.lengths.min().to(device)  # (on the GPU for NCCL)
         if world > 1:
             dist.all_reduce(lmax, op=dist.ReduceOp.MAX)
             dist.all_reduce(lmin, op=dist.ReduceOp.MIN)

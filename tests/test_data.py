@@ -82,6 +82,8 @@ def test_sampler_resume_checks_dataset_size():
     s.next()
     with pytest.raises(DataError, match="same --data"):
         Sampler(9, 2, seed=0).load_state_dict(s.state_dict())
+    with pytest.raises(DataError, match="--seed=0"):  # another seed: another permutation mid-epoch
+        Sampler(10, 2, seed=1).load_state_dict(s.state_dict())
 
 
 def test_sampler_indivisible_world():

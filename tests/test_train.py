@@ -48,7 +48,9 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
         train.parse_config(["--preset=70b"])
     for bad, msg in [("--samples_per_prompt=1", "must be >= 2"), ("--rollout_prompts=-1", "must be >= 0"),
                      ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in"),
-                     ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1")]:
+                     ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1"),
+                     ("--grad_clip=0", "grad_clip must be > 0"), ("--lr=nan", "not a finite number"),
+                     ("--temperature=inf", "not a finite number")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
@@ -79,6 +81,17 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     assert r.returncode != 0 and "max_prompt_len" in r.stderr
     r = run(flags(str(tmp_path / "no_model"), data_file, str(tmp_path / "o")))
     assert r.returncode != 0 and "no_model" in r.stderr
+    r = run(flags(model_dir, data_file, str(tmp_path / "o"), max_response_len=600))  # the tiny model: 512 positions
+    assert r.returncode != 0 and "context of 512" in r.stderr and "Loading weights" not in r.stderr + r.stdout
+    (tmp_path / "a_file").write_text("")
+    r = run(flags(model_dir, data_file, str(tmp_path / "a_file")))
+    assert r.returncode != 0 and "cannot write to --out" in r.stderr
+    # resuming with another --seed would replay some prompts and skip others: refused before the model loads
+    os.makedirs(tmp_path / "run" / "step_000002")
+    torch.save(dict(step=2, sampler=dict(pos=8, epoch=0, n=16, seed=0), bad_steps=0, shard="ddp"),
+               tmp_path / "run" / "step_000002" / "state.pt")
+    r = run(flags(model_dir, data_file, str(tmp_path / "run"), seed=1))
+    assert r.returncode != 0 and "resume with that --seed" in r.stderr and "Loading weights" not in r.stderr + r.stdout
 
 
 def sevens(responses, golds):
@@ -109,10 +122,14 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
     assert r.returncode == 0, r.stderr
     with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # a crash after step 2 left a step-3 line behind
         f.write(json.dumps(dict(step=3, reward=-1)) + "\n")
+    with open(os.path.join(b, "samples.jsonl"), "a") as f:  # ... and half a line, cut by the kill
+        f.write('{"step": 3, "prompt": "What is')
     r = run(flags(model_dir, data_file, b, steps=4, keep_last=1))
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert [json.loads(l)["step"] for l in open(os.path.join(b, "samples.jsonl"))] == \
+           [json.loads(l)["step"] for l in open(os.path.join(a, "samples.jsonl"))]
     volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem_gb")
     for x, y in zip(ma, mb):
         assert {k: v for k, v in x.items() if not k.startswith(volatile)} == \
