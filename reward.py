@@ -7,12 +7,15 @@ r"""Rule-based math reward for zero-RL: 1.0 if the response's final answer equal
 Grading one response (grade_one, in-process, no timeout):
   1. cut_response: the text before the first <|im_end|>, <|endoftext|> or </s>.
   2. extract_answer: the LAST \boxed{..} or \fbox{..} (brace-matched; `\boxed 5` takes the next token), else the
-     text after the last "the answer is"/"final answer is" ($..$ span, else one sentence), else the last number.
-  3. normalize (Qwen2.5-Math harness style): \left/\right, \dfrac/\tfrac, a trailing \text{unit}, \text{} wrappers,
-     degrees, \%, $, thin spaces, trailing dots, thousands separators, "x=", "(C)" -> "C". Equal strings, or two
-     plain numbers (12, -0.5, 3/4, \frac{3}{4}) that settle it exactly, decide without sympy; else
+     text after the last "the answer is"/"final answer is" ($..$ span, else one sentence; a comma ends it only
+     before a word), else the last number.
+  3. normalize (Qwen2.5-Math harness style): \left/\right, \dfrac/\tfrac, a trailing \text{unit} (or unit^2),
+     \text{} wrappers, degrees, \%, $, thin spaces, dots after a digit ("7.", "-1./3"), trailing dots, thousands
+     separators, "x=", "(C)" -> "C". Equal strings, or two plain numbers (12, -0.5, 3/4, \frac{3}{4}) that settle
+     it exactly, decide without sympy; else
   4. math-verify: verify(parse("$gold$"), parse("$normalized pred$")). The gold is always parsed as LaTeX (so
-     `2\sqrt{2}` stays 2*sqrt(2)), once per distinct gold per worker. Model text is never eval'd.
+     `2\sqrt{2}` stays 2*sqrt(2)), with every $ removed, normalised only if sympy cannot read it raw; once per
+     distinct gold per worker. Model text is never eval'd.
 score() runs grade_one in worker processes: one pool per process (so per torchrun rank), made on first use, size
 max(1, cpu_count // LOCAL_WORLD_SIZE), stopped at exit; concurrent calls from threads take turns. Workers are fresh
 interpreters (spawn semantics, minus re-importing the caller's __main__: no torch in them). Each response gets
@@ -82,7 +85,8 @@ def cut_response(text: str) -> str:
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])(\s*)")
 _BRACE = re.compile(r"(?<!\\)[{}]")                     # escaped braces \{ \} do not count
 _ANSWER_IS = re.compile(r"(?:the|final) answer is", re.IGNORECASE)
-_MATH_SPAN = re.compile(r"\$\$?(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_MATH_SPAN = re.compile(r"\$\$?(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)  # `\$` is a dollar sign
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|,\s+(?=[a-zA-Z]{2})")  # ", which ..." ends it; "(-\infty, 0]" does not
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
@@ -111,11 +115,11 @@ def extract_answer(text: str) -> tuple[str, bool]:
         return boxed.strip(), True
     last = max(_ANSWER_IS.finditer(text), key=lambda m: m.start(), default=None)
     if last is not None:
-        tail = text[last.end():last.end() + 500].lstrip(" :\t\n")
+        tail = text[last.end():last.end() + 500].lstrip(" :\t\n*")
         span = _MATH_SPAN.match(tail)             # a $..$ span, else up to the end of the sentence
-        pred = next(g for g in span.groups() if g) if span else re.split(r"\.(?:\s|$)|,\s|\n", tail, maxsplit=1)[0]
-        if pred.strip():
-            return pred.strip(), False
+        pred = next(g for g in span.groups() if g) if span else _SENTENCE_END.split(tail, maxsplit=1)[0]
+        if pred.strip(" *"):                      # (markdown bold: **18**)
+            return pred.strip(" *"), False
     numbers = _NUMBER.findall(text)
     return (numbers[-1].replace(",", "") if numbers else ""), False
 
@@ -123,7 +127,7 @@ def extract_answer(text: str) -> tuple[str, bool]:
 # ---------------------------------------------------------------- comparison (pure functions)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_UNIT = re.compile(r"\\(?:text|mbox|mathrm)\{[^{}]*\}$")
+_UNIT = re.compile(r"\\(?:text|mbox|mathrm)\{[^{}]*\}(?:\^\{?\d\}?)?$")     # 5\text{ cm}, 15\mbox{ cm}^2
 _TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 _SPACE = re.compile(r"(?<![a-zA-Z])\s+|\s+(?![a-zA-Z])")   # keep a space between letters: `\cdot b`
 
@@ -138,7 +142,7 @@ def normalize(s: str) -> str:
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     without_unit = _UNIT.sub("", s).strip()
     s = without_unit if without_unit else s                                  # 5\text{ cm} -> 5, \text{(C)} stays
-    s = _SPACE.sub("", _TEXT.sub(r"\1", s)).rstrip(".")
+    s = re.sub(r"(\d)\.(?!\d)", r"\1", _SPACE.sub("", _TEXT.sub(r"\1", s))).rstrip(".")  # 7. -> 7, -1./3 -> -1/3
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")                                               # 1,000 -> 1000
     m = re.fullmatch(r"\(?([A-E])\)?|[a-zA-Z]=([^=]+)", s)                   # (C) -> C, x=3 -> 3
@@ -170,9 +174,12 @@ _PRED_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
 
 @lru_cache(maxsize=1 << 14)
 def _parse_gold(gold: str) -> list:
-    gold = gold.strip().strip("$")
-    return (parse(f"${gold}$", _GOLD_CONFIG, parsing_timeout=None)
-            or parse(f"${normalize(gold)}$", _GOLD_CONFIG, parsing_timeout=None))
+    """The gold as parsed LaTeX, raw if sympy can read it (so `2\sqrt{2}` stays 2*sqrt(2)), else normalised."""
+    gold = re.sub(r"(?<!\\)\$", "", gold).strip()            # every math delimiter: `a+$ $b` is one expression
+    raw = parse(f"${gold}$", _GOLD_CONFIG, parsing_timeout=None)
+    if any(not isinstance(x, str) for x in raw):              # [sympy expr, its string]; a string alone: unread
+        return raw
+    return parse(f"${normalize(gold)}$", _GOLD_CONFIG, parsing_timeout=None) or raw
 
 
 def is_equiv(pred: str, gold: str) -> bool:

@@ -38,6 +38,10 @@ CASES = [
     ("The answer is: 17", "17", 1.0),
     (r"The final answer is $\frac{3}{4}$. I hope it is correct.", "0.75", 1.0),
     ("The answer is 3, since 3 + 4 = 7", "3", 1.0),
+    (r"So the answer is (-\infty, 0].", r"(-\infty, 0]", 1.0),          # a comma inside an interval or a list
+    ("The answer is 3, 4.", "3,4", 1.0),
+    (r"The answer is $\$18$.", "18", 1.0),                            # an escaped dollar does not close the span
+    ("The answer is: **18**", "18", 1.0),                              # markdown bold
     # ... else the last number
     ("4 + 5 = 9", "9", 1.0),
     ("4 + 5 = 9", "4", 0.0),
@@ -50,6 +54,9 @@ CASES = [
     (r"\boxed{\tfrac{3}{4}}", r"\frac34", 1.0),
     (r"\boxed{\left( 1, 2 \right)}", "(1,2)", 1.0),
     (r"\boxed{10\text{ cm}}", "10", 1.0),
+    (r"\boxed{15 \text{ cm}^{2}}", r"15\mbox{ cm}^2", 1.0),             # a unit with an exponent (MATH500)
+    (r"\boxed{-1/3}", "-1./3", 1.0),                                   # Minerva golds' "1." decimals
+    (r"\boxed{\{1\} \cup (-\infty, 0)}", r"(-\infty, 0) \cup\{1\}.", 1.0),  # raw gold unreadable: normalised
     (r"\boxed{5 \text{ dollars}}", "5", 1.0),
     (r"\boxed{30^\circ}", "30", 1.0),
     (r"\boxed{30^{\circ}}", r"30^\circ", 1.0),
@@ -77,6 +84,9 @@ CASES = [
     (r"\boxed{2\sqrt{2}}", r"2\sqrt{2}", 1.0),
     (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1.0),
     (r"\boxed{2}", r"2\sqrt{2}", 0.0),           # the gold must not be read as 2
+    # a gold with inner $ delimiters (Minerva) is one expression, not its last piece
+    (r"\boxed{x_0\cos(\omega t)+\dot{x}_0\sin(\omega t)/\omega}", r"x_{0} \cos (\omega t)+$ $\dot{x}_{0} \sin (\omega t) / \omega", 1.0),
+    (r"\boxed{\dot{x}_0 \sin(\omega t)/\omega}", r"x_{0} \cos (\omega t)+$ $\dot{x}_{0} \sin (\omega t) / \omega", 0.0),
     (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", 1.0),
     (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
     (r"\boxed{b + a}", "a+b", 1.0),
