@@ -11,18 +11,21 @@ Accepted `data`:
     prompt = [{role, content}] whose content is ALREADY templated (the template is not applied again; the
     template name is still checked, and still picks the stop words), gold = reward_model["ground_truth"].
   - FILE.jsonl, one object per line: question from "question" (else "problem"), gold from "answer" (else "gold"),
-    taken verbatim (no "####" or \\boxed{} extraction); the template is applied. Blank lines are ignored.
+    taken verbatim (no \\boxed{} extraction); the template is applied. Blank lines are ignored.
+A gold with a GSM8K solution ("... #### 72") becomes the text after its last "####".
   - "HUB_ID:FOLDER" (when no such local path exists): FOLDER/train.parquet of that Hugging Face dataset repo,
     downloaded with huggingface_hub into its cache, then read like a local parquet file.
 Skipped and counted (n_skipped): rows whose prompt/question is missing, None, not a string or blank, or whose
-gold is missing, None, blank, or neither a string nor a number (numbers become str(x): 27.0 -> "27.0").
+gold is missing, None, blank, NaN/inf, or neither a string nor a number (numbers become str(x): 27.0 -> "27.0").
 Raised as DataError (one line: the problem and the fix): unknown template, missing file, unknown extension,
-a parquet file without prompt/reward_model columns, an invalid JSON line (file and line number), zero usable rows,
+a parquet file without prompt/reward_model columns, a parquet prompt of several chat messages (a chat template
+is not applied here), an invalid JSON line (file and line number), zero usable rows,
 a failed hub download, prompts_per_step not a multiple of the world size, all prompts longer than max_prompt_len.
 Prompts longer than max_prompt_len tokens are dropped and counted (n_too_long), never silently.
 Templates are filled with str.replace("{question}", q), not str.format (the literal "\\boxed{}" has braces).
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -57,7 +60,9 @@ class Example:
 def _example(prompt, gold):
     """Example, or None when the prompt or gold is unusable (the caller counts it as skipped)."""
     if isinstance(gold, (int, float)) and not isinstance(gold, bool):
-        gold = str(gold)
+        gold = str(gold) if math.isfinite(gold) else None
+    if isinstance(gold, str) and "####" in gold:  # a GSM8K solution: the answer follows its last ####
+        gold = gold.rsplit("####", 1)[1].strip()
     if not isinstance(prompt, str) or not prompt.strip() or not isinstance(gold, str) or not gold.strip():
         return None
     return Example(prompt, gold)
@@ -70,10 +75,13 @@ def _read_parquet(path):
         raise DataError(f"{path} has columns {names}, not the verl RL schema (prompt, reward_model); "
                         "use a SimpleRL-Zoo-Data train.parquet or a .jsonl file with question/answer fields")
     pairs = []
-    for row in pq.read_table(path, columns=["prompt", "reward_model"]).to_pylist():
-        msgs, rm = row["prompt"], row["reward_model"] or {}
+    for i, row in enumerate(pq.read_table(path, columns=["prompt", "reward_model"]).to_pylist()):
+        msgs, rm = row["prompt"], row["reward_model"]
+        if isinstance(msgs, list) and len(msgs) > 1:
+            raise DataError(f"{path} row {i}: the prompt has {len(msgs)} chat messages, but train.py takes one "
+                            "already-templated message per row (SimpleRL-Zoo-Data); flatten the conversation into one")
         prompt = msgs[0].get("content") if msgs and isinstance(msgs[0], dict) else None
-        pairs.append((prompt, rm.get("ground_truth")))
+        pairs.append((prompt, rm.get("ground_truth") if isinstance(rm, dict) else None))
     return pairs
 
 
@@ -91,8 +99,8 @@ def _read_jsonl(path, template):
             if not isinstance(row, dict):
                 pairs.append((None, None))
                 continue
-            q = row.get("question") if row.get("question") is not None else row.get("problem")
-            gold = row.get("answer") if row.get("answer") is not None else row.get("gold")
+            q, gold = (next((row[k] for k in keys if row.get(k) not in (None, "")), None)  # first non-blank field
+                       for keys in (("question", "problem"), ("answer", "gold")))
             ok = isinstance(q, str) and q.strip()
             pairs.append((TEMPLATES[template].replace("{question}", q) if ok else None, gold))
     return pairs

@@ -107,7 +107,8 @@ def write_verl_parquet(path):
             verl_row(4, msg("P4 templated"), "\\frac{1}{2}"),
             verl_row(5, msg("   "), "6"),                    # blank prompt
             verl_row(6, msg("P6 templated"), "  "),          # blank gold
-            verl_row(7, msg("P7 templated"), None)]          # None gold
+            verl_row(7, msg("P7 templated"), None),          # None gold
+            verl_row(9, msg("P9 templated"), "Tom has 3 + 4 = 7 apples.\n#### 7")]  # a GSM8K solution
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
@@ -116,15 +117,31 @@ def test_parquet_round_trip(tmp_path):
     write_verl_parquet(f)
     for template in TEMPLATES:  # the parquet prompt is already templated: no template is applied on top
         examples, n_skipped = load_examples(str(f), template)
-        assert examples == [Example("P0 templated", "3"), Example("P4 templated", "\\frac{1}{2}")]
+        assert examples == [Example("P0 templated", "3"), Example("P4 templated", "\\frac{1}{2}"),
+                            Example("P9 templated", "7")]
         assert n_skipped == 6
 
 
 def test_parquet_directory_and_numeric_gold(tmp_path):
     msg = [{"role": "user", "content": "Q"}]
-    pq.write_table(pa.Table.from_pylist([verl_row(0, msg, 27.0), verl_row(1, msg, 5.5)]), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist([verl_row(0, msg, 27.0), verl_row(1, msg, 5.5), verl_row(2, msg, float("nan"))]),
+                   tmp_path / "train.parquet")
     examples, n_skipped = load_examples(str(tmp_path), "qwen-boxed")
-    assert [e.gold for e in examples] == ["27.0", "5.5"] and n_skipped == 0
+    assert [e.gold for e in examples] == ["27.0", "5.5"] and n_skipped == 1  # NaN is no answer
+
+
+def test_parquet_reward_model_not_a_dict(tmp_path):  # a DataError (one line), not an AttributeError
+    rows = [{**verl_row(0, [{"role": "user", "content": "Q"}], None), "reward_model": "4"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="no usable rows"):
+        load_examples(str(tmp_path / "x.parquet"), "qwen-boxed")
+
+
+def test_parquet_chat_prompt_is_refused(tmp_path):
+    chat = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Q"}]
+    pq.write_table(pa.Table.from_pylist([verl_row(0, chat, "4")]), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="row 0: the prompt has 2 chat messages"):  # not "system prompt as the question"
+        load_examples(str(tmp_path / "x.parquet"), "qwen-boxed")
 
 
 def test_parquet_wrong_schema(tmp_path):
@@ -149,13 +166,17 @@ def test_jsonl(tmp_path):
                     {"question": "Bool gold", "answer": True},
                     [1, 2],
                     "",  # blank line: ignored, not a row
-                    {"question": "Zero", "answer": 0}])
+                    {"question": "Zero", "answer": 0},
+                    {"question": "", "problem": "Blank question", "answer": "3"},  # a blank field falls back
+                    {"question": "GSM8K", "answer": "16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n#### 18"}])
     examples, n_skipped = load_examples(str(f), "abel")
     t = TEMPLATES["abel"]
     assert examples == [Example(t.replace("{question}", "What is 1 + 1?"), "2"),
                         Example(t.replace("{question}", "Solve x + 1 = 3."), "2"),
                         Example(t.replace("{question}", "Gold field"), "7"),
-                        Example(t.replace("{question}", "Zero"), "0")]
+                        Example(t.replace("{question}", "Zero"), "0"),
+                        Example(t.replace("{question}", "Blank question"), "3"),
+                        Example(t.replace("{question}", "GSM8K"), "18")]
     assert examples[0].prompt == "Question:\nWhat is 1 + 1?\nAnswer:\nLet's think step by step.\n"
     assert n_skipped == 5
 
@@ -217,7 +238,7 @@ def test_hub_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
     examples, n_skipped = load_examples("org/ds:simplelr_x", "qwen-boxed")
-    assert calls == [("org/ds", "simplelr_x/train.parquet", "dataset")] and len(examples) == 2 and n_skipped == 6
+    assert calls == [("org/ds", "simplelr_x/train.parquet", "dataset")] and len(examples) == 3 and n_skipped == 6
 
     def offline(*a, **kw):
         raise OSError("no network\nsecond line")
