@@ -18,7 +18,8 @@ Outputs in --out (--checkpoints: RUN_DIR/eval/step_NNNNNN/ per checkpoint; one w
   - generations.jsonl, a row per problem: benchmark, idx (row of test.jsonl), question, gold, and per sample
     responses, preds, correct (0/1), boxed (0/1), finish_reasons ("stop" | "length"), lengths (tokens).
   - summary.json, per benchmark: acc (%, mean over problems of the fraction of correct samples = pass@1 = avg@n),
-    pass@k (%, unbiased, k = 1, 2, 4, .. <= n), clip_ratio (hit --max_new_tokens), stop_len (mean tokens of the
+    pass@k (%, unbiased, k = 1, 2, 4, .. <= n), clip_ratio (hit --max_new_tokens or, as in vLLM, the model's
+    context: Qwen2.5-Math-7B's 4K), stop_len (mean tokens of the
     responses that stopped), box_ratio, reflection_ratio (responses containing a REFLECTION word, any case), count
     (problems), n; and "average": the mean acc over the benchmarks. summary.md: the table (also printed).
   - config.json: the settings that ran.
@@ -81,7 +82,12 @@ def parse_config(argv):
     for bad, msg in [(sum(map(bool, (cfg.model, cfg.checkpoints, cfg.regrade))) != 1,
                       "give exactly one of --model=PATH_OR_HUB_ID, --checkpoints=RUN_DIR, --regrade=FILE"),
                      (cfg.template not in TEMPLATES, f"unknown --template={cfg.template}; use one of {[*TEMPLATES]}"),
-                     (min(cfg.n, cfg.batch_size) < 1 or cfg.limit < 0, "need --n, --batch_size >= 1 and --limit >= 0"),
+                     (min(cfg.n, cfg.batch_size, cfg.max_new_tokens) < 1 or cfg.limit < 0,
+                      "need --n, --batch_size, --max_new_tokens >= 1 and --limit >= 0"),
+                     (cfg.n > 1 and cfg.temperature == 0, "--n > 1 needs --temperature > 0 (greedy samples are all "
+                                                           "the same); e.g. --preset=rl"),
+                     (len(set(cfg.benchmarks.split(","))) < len(cfg.benchmarks.split(",")),
+                      f"--benchmarks={cfg.benchmarks} names a benchmark twice"),
                      (cfg.temperature < 0 or not 0 < cfg.top_p <= 1, "need --temperature >= 0 and 0 < --top_p <= 1")]:
         if bad:
             sys.exit(f"error: {msg}")
@@ -186,7 +192,8 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
              n=1, limit=None, batch_size=32, rank=0, world=1, seed=0, tp_group=None):
     """n responses per problem of each benchmark, graded -> (rows, summary) on rank 0, (None, None) on the others.
     Every rank must call it (rank 0 gathers). Leaves the weights and the caller's RNG as they were, and the model in
-    train mode if it was in train mode. tp_group: `model` is tensor-parallel over groups of consecutive ranks
+    train mode if it was in train mode. Like vLLM, responses stop (finish "length") before max_new_tokens where
+    they would overflow the model's context (max_position_embeddings; here with the batch's longest prompt). tp_group: `model` is tensor-parallel over groups of consecutive ranks
     (train.tensor_parallel_copy); a group takes one share of the problems and decodes each batch of it together."""
     tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
     share = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank // tp::world // tp]
@@ -194,6 +201,7 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
     order = sorted(range(len(share)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
     mine = []
     stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(template, []))
+    context = getattr(model.config, "max_position_embeddings", None) or math.inf
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
     try:
@@ -202,8 +210,11 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
             torch.manual_seed(seed + rank)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size][tp_rank::tp]  # this rank's part of its group's batch
-                ro = generate(model, [prompts[i] for i in batch], n, max_new_tokens, temperature, top_p, stop_ids,
-                              tokenizer.pad_token_id, progress=rank == 0, tp_group=tp_group)  # prompt-major rows
+                room = context - max(len(prompts[i]) for i in order[start:start + batch_size])  # (same in a group)
+                if room < 1:
+                    raise ValueError(f"a {template} prompt fills the model's whole context of {context} tokens")
+                ro = generate(model, [prompts[i] for i in batch], n, min(max_new_tokens, room), temperature, top_p,
+                              stop_ids, tokenizer.pad_token_id, progress=rank == 0, tp_group=tp_group)  # prompt-major
                 texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)])
                 for j, i in enumerate(batch):
                     own = slice(j * n, (j + 1) * n)  # the n samples of problem i

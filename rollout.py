@@ -64,9 +64,8 @@ def stop_token_ids(tokenizer, extra_words=()):
     """EOS plus the ChatML/GPT end tokens that exist in this vocabulary, plus single-token stop words (abel template)."""
     ids = {tokenizer.eos_token_id}
     for tok in ["<|im_end|>", "<|endoftext|>", "</s>", *extra_words]:
-        i = tokenizer.convert_tokens_to_ids(tok)
-        if i is not None and i != tokenizer.unk_token_id:
-            ids.add(i)
+        if tok in tokenizer.get_vocab():  # (not `id != unk_token_id`: SmolLM2's unk IS <|endoftext|>)
+            ids.add(tokenizer.convert_tokens_to_ids(tok))
     return sorted(i for i in ids if i is not None)
 
 
@@ -228,6 +227,8 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
         raise ValueError(f"engine={engine!r}: expected 'pad', 'drop' or 'cb'")
     if tp_group is not None and engine != "drop":
         raise ValueError("a tensor-parallel model (tp_group) generates with engine='drop' only")
+    if min(n, max_new_tokens) < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     own = slice(0, len(prompt_ids) * n)  # the caller's rows
     if tp_group is not None:
         pooled = [None] * torch.distributed.get_world_size(tp_group)

@@ -592,7 +592,10 @@ def main(argv, score=None):
                             f"--max_prompt_len={cfg.max_prompt_len}) for --prompts_per_step={cfg.prompts_per_step}")
         if cfg.eval_every:
             from eval import load_benchmark
-            for b in cfg.eval_benchmarks.split(","):
+            benchmarks = cfg.eval_benchmarks.split(",")
+            if len(set(benchmarks)) < len(benchmarks):
+                raise DataError(f"--eval_benchmarks={cfg.eval_benchmarks} names a benchmark twice")
+            for b in benchmarks:
                 load_benchmark(cfg.eval_data_dir, b, cfg.eval_limit)
     except DataError as e:
         sys.exit(f"error: {e}")

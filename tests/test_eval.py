@@ -166,6 +166,18 @@ def test_tiny_model_end_to_end(model_dir, tokenizer, bench_dir, tmp_path):
                                               sum(r["benchmark"] == b for r in rows) for b in ("gsm8k", "math500")) / 2)
 
 
+def test_responses_stop_at_the_model_context(tokenizer, bench_dir):
+    """As in vLLM, prompt + response never run past the model's positions (here 80), whatever --max_new_tokens says."""
+    model = make_model(tokenizer, max_position_embeddings=80)
+    rows, _ = ev.evaluate(model, tokenizer, ["gsm8k"], bench_dir, "chatml-short", max_new_tokens=200, limit=3,
+                          batch_size=1)
+    for r in rows:
+        P = len(tokenizer(ev.TEMPLATES["chatml-short"].replace("{question}", r["question"]))["input_ids"])
+        assert P < 60 and r["lengths"][0] <= 80 - P
+        assert r["finish_reasons"][0] == "stop" or r["lengths"][0] == 80 - P
+    assert "length" in {r["finish_reasons"][0] for r in rows}  # the random model does run into the context
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_same_results_as_one(model_dir, bench_dir, tmp_path):
     args = [f"--model={model_dir}", "--benchmarks=gsm8k,math500", f"--data_dir={bench_dir}", "--max_new_tokens=16",
@@ -220,7 +232,10 @@ def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):
              ([f"--model={model_dir}", f"--data_dir={bench_dir}", "--benchmarks=aime24"], "aime24/test.jsonl"),
              ([f"--regrade={tmp_path / 'none.jsonl'}"], "No such file"),
              ([f"--checkpoints={tmp_path}", f"--data_dir={bench_dir}", "--benchmarks=gsm8k"], "no step_"),
-             ([f"--model={tmp_path / 'no_model'}", f"--data_dir={bench_dir}", "--benchmarks=gsm8k"], "no_model")]
+             ([f"--model={tmp_path / 'no_model'}", f"--data_dir={bench_dir}", "--benchmarks=gsm8k"], "no_model"),
+             ([f"--model={model_dir}", "--max_new_tokens=0"], "--max_new_tokens >= 1"),
+             ([f"--model={model_dir}", "--n=4"], "--n > 1 needs --temperature > 0"),
+             ([f"--model={model_dir}", "--benchmarks=gsm8k,math500,gsm8k"], "names a benchmark twice")]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             ev.main(argv)

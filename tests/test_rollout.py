@@ -62,6 +62,12 @@ def test_response_mask_keeps_first_stop_token():
 def test_stop_token_ids(tokenizer):
     ids = stop_token_ids(tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.eos_token_id in ids
+    # SmolLM2's tokenizer: <|im_end|> is EOS and <|endoftext|> doubles as the unknown token; it still stops
+    from transformers import PreTrainedTokenizerFast
+    smol = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+    assert smol.convert_tokens_to_ids("<|endoftext|>") in stop_token_ids(smol)
+    assert "<|nonexistent|>" not in smol.get_vocab() and len(stop_token_ids(smol, ["<|nonexistent|>"])) == 2
 
 
 def test_chunked_generation_equals_one_call(tokenizer):
