@@ -8,8 +8,8 @@
 Accepted `data`:
   - "arith": 100 built-in single-digit additions ("What is 3 + 5?", gold "8"), a = 0..9 outer, b = 0..9 inner.
   - FILE.parquet, or a DIRECTORY holding train.parquet, in the verl RL schema of hkust-nlp/SimpleRL-Zoo-Data:
-    prompt = [{role, content}] whose content is ALREADY templated (the template is not applied again; the
-    template name is still checked, and still picks the stop words), gold = reward_model["ground_truth"].
+    prompt = [{role, content}] whose content is ALREADY templated (the template is not applied again, but it still
+    picks the stop words, so prompts in another of our TEMPLATES are refused), gold = reward_model["ground_truth"].
   - FILE.jsonl, one object per line: question from "question" (else "problem"), gold from "answer" (else "gold"),
     taken verbatim (no \\boxed{} extraction); the template is applied. Blank lines are ignored.
 A gold with a GSM8K solution ("... #### 72") becomes the text after its last "####".
@@ -85,6 +85,15 @@ def _read_parquet(path):
     return pairs
 
 
+def _template_of(prompt):
+    """The name of the TEMPLATES entry that `prompt` was filled from, or None."""
+    for name, t in TEMPLATES.items():
+        head, tail = t.split("{question}")
+        if isinstance(prompt, str) and prompt.startswith(head) and prompt.endswith(tail):
+            return name
+    return None
+
+
 def _read_jsonl(path, template):
     """(templated prompt, gold) pairs of a .jsonl file with question/problem and answer/gold fields."""
     pairs = []
@@ -139,6 +148,11 @@ def load_examples(data: str, template: str) -> tuple[list[Example], int]:
                             "train.parquet, HUB_ID:FOLDER, or arith")
         if path.endswith(".parquet"):
             pairs = _read_parquet(path)
+            for i, (prompt, _) in enumerate(pairs):  # templated already: by the template we were told?
+                used = _template_of(prompt)
+                if used not in (None, template):
+                    raise DataError(f"{path} row {i} is templated with {used!r}, not --template={template}; "
+                                    f"pass --template={used} (it also picks the stop words)")
         elif path.endswith(".jsonl"):
             pairs = _read_jsonl(path, template)
         else:

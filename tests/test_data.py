@@ -137,6 +137,15 @@ def test_parquet_reward_model_not_a_dict(tmp_path):  # a DataError (one line), n
         load_examples(str(tmp_path / "x.parquet"), "qwen-boxed")
 
 
+def test_parquet_templated_with_another_template_is_refused(tmp_path):
+    """An abel-templated parquet under --template=qwen-boxed would not stop at "Question": refused, naming the fix."""
+    abel = [{"role": "user", "content": TEMPLATES["abel"].replace("{question}", "What is 2 + 2?")}]
+    pq.write_table(pa.Table.from_pylist([verl_row(0, abel, "4")]), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="pass --template=abel"):
+        load_examples(str(tmp_path / "x.parquet"), "qwen-boxed")
+    assert load_examples(str(tmp_path / "x.parquet"), "abel")[0][0].gold == "4"
+
+
 def test_parquet_chat_prompt_is_refused(tmp_path):
     chat = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Q"}]
     pq.write_table(pa.Table.from_pylist([verl_row(0, chat, "4")]), tmp_path / "x.parquet")
