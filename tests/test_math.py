@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from train import (Config, Policy, Samples, accumulate_gradients, group_advantages, grpo_loss, plan_micro_batches,
-                   sequence_logprobs,
-                   token_logprobs)
+from train import (Config, Policy, Samples, accumulate_gradients, batch_logprobs, group_advantages, grpo_loss,
+                   plan_micro_batches, sequence_logprobs, token_logprobs)
 
 
 def test_group_advantages_zero_mean_unbiased_std():
@@ -120,6 +119,20 @@ def test_rank_split_invariance(tokenizer, tmp_path):
     single = grads_for(policy, s, [list(range(6))], Config(kl_coef=1e-3, temperature=0.9))
     for a, b in zip(single, torch.load(out)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_update_matches_fp32(tokenizer):
+    """The GPU update runs under bf16 autocast on fp32 weights; here on CPU autocast: fp32 log-probs and gradients,
+    within bf16 rounding of the fp32 ones (a dtype slip, e.g. a bf16 ratio or loss, shows up as a larger gap)."""
+    cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9)
+    policy, s = Policy(make_model(tokenizer)), make_samples(tokenizer)
+    fp32 = grads_for(policy, s, [list(range(6))], cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = grads_for(policy, s, [list(range(6))], cfg)
+        logp = batch_logprobs(policy, s, [[list(range(6))]], cfg.temperature, torch.device("cpu"))
+    assert logp[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in bf16)
+    gaps = [((a - b).norm() / a.norm()).item() for a, b in zip(fp32, bf16)]
+    assert 0 < max(gaps) < 3e-2, gaps  # 0: autocast did nothing
 
 
 def test_packed_equals_padded(tokenizer):
