@@ -112,7 +112,7 @@ def test_rank_split_invariance(tokenizer, tmp_path):
     """The same 6 samples give the same gradient on 1 process as split over 2 DDP ranks (gloo)."""
     out = tmp_path / "grads.pt"
     r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", os.path.join(os.path.dirname(__file__), "ddp_grads.py"),
-                        str(out)], capture_output=True, text=True, timeout=300)
+                        "ddp", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     policy = Policy(make_model(tokenizer))
     s = make_samples(tokenizer, B=6)

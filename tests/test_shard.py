@@ -57,7 +57,7 @@ def test_zero3_gpu_precision_policy(tmp_path):
     """zero3 as on GPU (bf16 compute, fp32 master shards and fp32 gradient reduction), run on gloo: the shards and
     their gradients stay fp32, and the gradients are within bf16 rounding of the fp32 run's (0 would mean no bf16)."""
     out = tmp_path / "mp.json"
-    r = run([os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_mp.py"), str(out)],
+    r = run([os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_grads.py"), "zero3_mixed", str(out)],
             launcher=("torchrun", "--standalone", "--nproc_per_node=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     c = __import__("json").load(open(out))
