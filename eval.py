@@ -19,9 +19,8 @@ Outputs in --out (--checkpoints: RUN_DIR/eval/step_NNNNNN/ per checkpoint; one w
     responses, preds, correct (0/1), boxed (0/1), finish_reasons ("stop" | "length"), lengths (tokens).
   - summary.json, per benchmark: acc (%, mean over problems of the fraction of correct samples = pass@1 = avg@n),
     pass@k (%, unbiased, k = 1, 2, 4, .. <= n), clip_ratio (hit --max_new_tokens or, as in vLLM, the model's
-    context: Qwen2.5-Math-7B's 4K), stop_len (mean tokens of the
-    responses that stopped), box_ratio, reflection_ratio (responses containing a REFLECTION word, any case), count
-    (problems), n; and "average": the mean acc over the benchmarks. summary.md: the table (also printed).
+    context: Qwen2.5-Math-7B's 4K), stop_len (mean tokens of the responses that stopped), box_ratio,
+    reflection_ratio (responses containing a REFLECTION word, any case), count (problems), n; and "average": the mean acc over the benchmarks. summary.md: the table (also printed).
   - config.json: the settings that ran.
   - --checkpoints also draws RUN_DIR/eval/curves.png: accuracy, and training response length and clip ratio
     (RUN_DIR/metrics.jsonl) vs step; the template is the run's own (RUN_DIR/config.json) unless --template is given.
@@ -193,7 +192,8 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
     """n responses per problem of each benchmark, graded -> (rows, summary) on rank 0, (None, None) on the others.
     Every rank must call it (rank 0 gathers). Leaves the weights and the caller's RNG as they were, and the model in
     train mode if it was in train mode. Like vLLM, responses stop (finish "length") before max_new_tokens where
-    they would overflow the model's context (max_position_embeddings; here with the batch's longest prompt). tp_group: `model` is tensor-parallel over groups of consecutive ranks
+    they would overflow the model's context (max_position_embeddings; here with the batch's longest prompt).
+    tp_group: `model` is tensor-parallel over groups of consecutive ranks
     (train.tensor_parallel_copy); a group takes one share of the problems and decodes each batch of it together."""
     tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
     share = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank // tp::world // tp]

@@ -62,9 +62,9 @@ class _Progress(StoppingCriteria):
 
 def stop_token_ids(tokenizer, extra_words=()):
     """EOS plus the ChatML/GPT end tokens that exist in this vocabulary, plus single-token stop words (abel template)."""
-    ids = {tokenizer.eos_token_id}
+    ids, vocab = {tokenizer.eos_token_id}, tokenizer.get_vocab()
     for tok in ["<|im_end|>", "<|endoftext|>", "</s>", *extra_words]:
-        if tok in tokenizer.get_vocab():  # (not `id != unk_token_id`: SmolLM2's unk IS <|endoftext|>)
+        if tok in vocab:  # (not `id != unk_token_id`: SmolLM2's unk IS <|endoftext|>)
             ids.add(tokenizer.convert_tokens_to_ids(tok))
     return sorted(i for i in ids if i is not None)
 

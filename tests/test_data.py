@@ -124,8 +124,8 @@ def test_parquet_round_trip(tmp_path):
 
 def test_parquet_directory_and_numeric_gold(tmp_path):
     msg = [{"role": "user", "content": "Q"}]
-    pq.write_table(pa.Table.from_pylist([verl_row(0, msg, 27.0), verl_row(1, msg, 5.5), verl_row(2, msg, float("nan"))]),
-                   tmp_path / "train.parquet")
+    rows = [verl_row(0, msg, 27.0), verl_row(1, msg, 5.5), verl_row(2, msg, float("nan"))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     examples, n_skipped = load_examples(str(tmp_path), "qwen-boxed")
     assert [e.gold for e in examples] == ["27.0", "5.5"] and n_skipped == 1  # NaN is no answer
 
