@@ -466,12 +466,17 @@ def checkpoints(out):
     return sorted(os.path.join(out, d) for d in os.listdir(out) if d.startswith("step_") and not d.endswith(".tmp"))
 
 
+EXPORT_FILE_BYTES = 5 * 2**30  # size of one safetensors file of a zero2/zero3 checkpoint's model/ export
+
+
 def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master):
-    """Called on every rank. step_NNNNNN/: model/ (the full model: HF save_pretrained, safetensors, + tokenizer),
+    """Called on every rank. step_NNNNNN/: model/ (the full model as HF safetensors + config + tokenizer),
     state.pt (step, sampler, consecutive bad steps) and the optimizer: optim.pt under ddp; under zero2/zero3,
-    shards/ holds the fp32 parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks)
-    and model/ is an export gathered on rank 0. Written as .tmp, then renamed. With cfg.keep_last, older checkpoints
-    then lose their training state (they stay for eval) once this one is complete."""
+    shards/ holds the fp32 parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks).
+    Under ddp model/ is rank 0's save_pretrained; under zero2/zero3 each rank writes its slices and rank 0 merges them
+    into ~5 GB safetensors files tensor by tensor (DCP's HuggingFaceStorageWriter), so no full copy of the model is
+    ever gathered in memory. Written as .tmp, then renamed. With cfg.keep_last, older checkpoints then lose their
+    training state (they stay for eval) once this one is complete."""
     final = os.path.join(out, f"step_{step:06d}")
     tmp = final + ".tmp"
     if master:
@@ -479,19 +484,30 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
     if dist.is_initialized():
         dist.barrier()
     state = dict(step=step, sampler=sampler.state_dict(), bad_steps=bad_steps, shard=cfg.shard)
-    weights = None  # ddp: the replica's own state dict
     if cfg.shard != "ddp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        dcp.save({"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)},
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        model = get_model_state_dict(policy)  # this rank's fp32 slices (DTensors), keys "lm.model.layers.0..."
+        dcp.save({"model": model, "optim": get_optimizer_state_dict(policy, optimizer)},
                  checkpoint_id=os.path.join(tmp, "shards"))
-        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         tied = {n for n, _ in lm.named_parameters(remove_duplicate=False)} - {n for n, _ in lm.named_parameters()}
-        weights = {k.removeprefix("lm."): v for k, v in full.items()  # gathered on rank 0 only
-                   if k.removeprefix("lm.") not in tied}  # a tied lm_head is saved once, as HF does
+        export = {k.removeprefix("lm."): v for k, v in model.items()
+                  if k.removeprefix("lm.") not in tied}  # a tied lm_head is saved once, as HF does
+        files, index, used = {}, 1, 0  # tensor name -> safetensors file number (the hub takes files <= 50 GB)
+        for k, v in export.items():
+            nbytes = v.numel() * v.element_size()  # (of the full tensor)
+            if used and used + nbytes > EXPORT_FILE_BYTES:
+                index, used = index + 1, 0
+            files[k], used = index, used + nbytes
+        dcp.save(export, storage_writer=dcp.HuggingFaceStorageWriter(
+            os.path.join(tmp, "model"), fqn_to_index_mapping=files, save_distributed=True, enable_consolidation=True))
     if master:
-        lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        if cfg.shard == "ddp":
+            lm.save_pretrained(os.path.join(tmp, "model"))
+        else:
+            shutil.rmtree(os.path.join(tmp, "model", "sharded"))  # the per-rank slices, merged above
+            lm.config.save_pretrained(os.path.join(tmp, "model"))
+            lm.generation_config.save_pretrained(os.path.join(tmp, "model"))
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
         if cfg.shard == "ddp":
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
@@ -624,7 +640,7 @@ def main(argv, score=None):
     if cuda:
         torch.cuda.set_device(device)
     # A collective may wait an hour (NCCL's default is 10 min): the other ranks wait while rank 0 alone reads, or
-    # downloads, the initial weights (zero2/zero3) and writes each checkpoint's HF export (32B: 131 GB).
+    # downloads, the initial weights (zero2/zero3) and merges each checkpoint's HF export (32B: 131 GB).
     timeout = datetime.timedelta(hours=1)
     if world > 1:  # a key space per torchrun restart: torch 2.13 keeps the dead attempt's peer addresses in its store
         store, _, _ = next(dist.rendezvous("env://"))

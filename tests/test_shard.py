@@ -12,7 +12,10 @@ TORCHRUN2 = ("torchrun", "--standalone", "--nproc_per_node=2", "train.py")
 
 
 def weights(out, step):
-    return load_file(os.path.join(out, f"step_{step:06d}", "model", "model.safetensors"))
+    """The exported model of a checkpoint (under zero: model-0000k-of-0000n.safetensors + an index)."""
+    folder = os.path.join(out, f"step_{step:06d}", "model")
+    return {k: v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
+            for k, v in load_file(os.path.join(folder, f)).items()}
 
 
 @pytest.mark.slow
@@ -32,6 +35,25 @@ def test_zero2_zero3_match_ddp(model_dir, data_file, tmp_path):
             assert torch.allclose(w[k], ref[k], rtol=1e-5, atol=1e-6), (shard, k, (w[k] - ref[k]).abs().max())
         assert os.path.isdir(os.path.join(outs[shard], "step_000002", "shards"))
         assert [m["reward"] for m in metrics(outs[shard])] == [m["reward"] for m in metrics(outs["ddp"])]
+
+
+@pytest.mark.slow
+def test_zero3_export_is_a_loadable_hf_model(model_dir, data_file, tmp_path, monkeypatch):
+    """Under zero the export is merged from every rank's slices (never gathered in memory) into files of at most
+    EXPORT_FILE_BYTES (5 GB; here ~60 KB, so several files and an index): from_pretrained reads back the weights."""
+    import train
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(train, "EXPORT_FILE_BYTES", 60_000)
+    out = str(tmp_path / "z")
+    train.main(flags(model_dir, data_file, out, shard="zero3", steps=1, save_every=1, lr=1e-2))  # 1 process
+    folder = os.path.join(out, "step_000001", "model")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert "sharded" not in os.listdir(folder) and "generation_config.json" in os.listdir(folder)
+    w, w0 = weights(out, 1), load_file(os.path.join(model_dir, "model.safetensors"))
+    assert set(w) == set(w0) and any(not torch.equal(w[k], w0[k]) for k in w)  # all tensors, trained
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert all(torch.equal(loaded[k], w[k]) for k in w)
 
 
 @pytest.mark.slow
