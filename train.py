@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import difflib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -626,6 +627,13 @@ def main(argv, score=None):
                  f"{cfg.model}'s context of {context}; lower --max_response_len (Qwen2.5-Math: --preset=math-7b)")
     if cfg.gen_tp > 1:
         tp_plan(model_config, cfg.gen_tp)
+    if cfg.shard != "ddp":  # zero checkpoints write their HF export with DCP's safetensors writer
+        import torch.distributed.checkpoint as dcp
+        writer = getattr(dcp, "HuggingFaceStorageWriter", None)
+        if writer is None or "enable_consolidation" not in inspect.signature(writer).parameters:
+            sys.exit(f"error: --shard={cfg.shard} checkpoints need torch.distributed.checkpoint's "
+                     f"HuggingFaceStorageWriter(enable_consolidation=...), which torch {torch.__version__} lacks; "
+                     "upgrade torch (tested: 2.13)")
     try:  # every rank writes here (zero: its checkpoint shards), so check it before loading anything
         os.makedirs(cfg.out, exist_ok=True)
         if not os.access(cfg.out, os.W_OK):

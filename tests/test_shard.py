@@ -54,6 +54,10 @@ def test_zero3_export_is_a_loadable_hf_model(model_dir, data_file, tmp_path, mon
     assert set(w) == set(w0) and any(not torch.equal(w[k], w0[k]) for k in w)  # all tensors, trained
     loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
     assert all(torch.equal(loaded[k], w[k]) for k in w)
+    import torch.distributed.checkpoint as dcp  # an older torch without that writer: one line before any model loads
+    monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
+    with pytest.raises(SystemExit, match="upgrade torch"):
+        train.main(flags(model_dir, data_file, str(tmp_path / "old"), shard="zero3"))
 
 
 @pytest.mark.slow
