@@ -503,15 +503,15 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dcp.save(export, storage_writer=dcp.HuggingFaceStorageWriter(
             os.path.join(tmp, "model"), fqn_to_index_mapping=files, save_distributed=True, enable_consolidation=True))
     if master:
+        model_dir = os.path.join(tmp, "model")
         if cfg.shard == "ddp":
-            lm.save_pretrained(os.path.join(tmp, "model"))
-        else:
-            shutil.rmtree(os.path.join(tmp, "model", "sharded"))  # the per-rank slices, merged above
-            lm.config.save_pretrained(os.path.join(tmp, "model"))
-            lm.generation_config.save_pretrained(os.path.join(tmp, "model"))
-        tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        if cfg.shard == "ddp":
+            lm.save_pretrained(model_dir)
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
+        else:
+            shutil.rmtree(os.path.join(model_dir, "sharded"))  # the per-rank slices, merged above
+            lm.config.save_pretrained(model_dir)
+            lm.generation_config.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
         torch.save(state, os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
         os.replace(tmp, final)
