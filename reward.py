@@ -174,7 +174,7 @@ _PRED_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
 
 @lru_cache(maxsize=1 << 14)
 def _parse_gold(gold: str) -> list:
-    """The gold as parsed LaTeX, raw if sympy can read it (so `2\sqrt{2}` stays 2*sqrt(2)), else normalised."""
+    r"""The gold as parsed LaTeX, raw if sympy can read it (so `2\sqrt{2}` stays 2*sqrt(2)), else normalised."""
     gold = re.sub(r"(?<!\\)\$", "", gold).strip()            # every math delimiter: `a+$ $b` is one expression
     raw = parse(f"${gold}$", _GOLD_CONFIG, parsing_timeout=None)
     if any(not isinstance(x, str) for x in raw):              # [sympy expr, its string]; a string alone: unread

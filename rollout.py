@@ -60,9 +60,12 @@ class _Progress(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def stop_token_ids(tokenizer, extra_words=()):
-    """EOS plus the ChatML/GPT end tokens that exist in this vocabulary, plus single-token stop words (abel template)."""
+def stop_token_ids(tokenizer, extra_words=(), model_eos=None):
+    """EOS plus the ChatML/GPT end tokens that exist in this vocabulary, plus single-token stop words (abel template),
+    plus model_eos: the model's generation_config.eos_token_id (an int, a list or None), on which vLLM stops too
+    (for Qwen2.5 it is the tokenizer's EOS; Llama-3.1 adds <|eom_id|> and <|eot_id|>)."""
     ids, vocab = {tokenizer.eos_token_id}, tokenizer.get_vocab()
+    ids.update([model_eos] if isinstance(model_eos, int) else model_eos or [])
     for tok in ["<|im_end|>", "<|endoftext|>", "</s>", *extra_words]:
         if tok in vocab:  # (not `id != unk_token_id`: SmolLM2's unk IS <|endoftext|>)
             ids.add(tokenizer.convert_tokens_to_ids(tok))

@@ -616,7 +616,6 @@ def main(argv, score=None):
                 load_benchmark(cfg.eval_data_dir, b, cfg.eval_limit)
     except DataError as e:
         sys.exit(f"error: {e}")
-    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []))
     from transformers import AutoConfig
     folder, gguf = resolve_model(cfg.model)
     model_config = AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
@@ -689,6 +688,7 @@ def main(argv, score=None):
         if ref is not None:
             init_shards(ref, init, device)
         del init
+    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []), lm.generation_config.eos_token_id)
     rollout_lm, tp_group = lm, None  # what generates: the policy itself, or its tensor-parallel copy (--gen_tp > 1)
     if cfg.gen_tp > 1:
         rollout_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)

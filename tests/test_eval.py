@@ -178,6 +178,19 @@ def test_responses_stop_at_the_model_context(tokenizer, bench_dir):
     assert "length" in {r["finish_reasons"][0] for r in rows}  # the random model does run into the context
 
 
+def test_generation_config_eos_stops_responses(tokenizer, bench_dir):
+    """A token that is EOS only in the model's generation_config (as Llama-3's <|eot_id|>) ends responses there."""
+    model = make_model(tokenizer)
+    rows, _ = ev.evaluate(model, tokenizer, ["gsm8k"], bench_dir, "chatml-short", max_new_tokens=6, limit=2)
+    prompt = tokenizer(ev.TEMPLATES["chatml-short"].replace("{question}", rows[0]["question"]), return_tensors="pt")
+    with torch.no_grad():
+        first = int(model(**prompt).logits[0, -1].argmax())  # the greedy first token of problem 0
+    assert rows[0]["lengths"][0] > 1 and first != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    rows2, _ = ev.evaluate(model, tokenizer, ["gsm8k"], bench_dir, "chatml-short", max_new_tokens=6, limit=2)
+    assert rows2[0]["lengths"][0] == 1 and rows2[0]["finish_reasons"][0] == "stop"
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_same_results_as_one(model_dir, bench_dir, tmp_path):
     args = [f"--model={model_dir}", "--benchmarks=gsm8k,math500", f"--data_dir={bench_dir}", "--max_new_tokens=16",
