@@ -524,6 +524,32 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dist.barrier()
 
 
+def check_shared_out(out, master, device, wait=10.0):
+    """Exits with one line on every rank unless all ranks see the same --out folder. Every rank writes checkpoints
+    there (zero2/zero3: its shards, which rank 0 then merges) and reads them back on resume, so with several nodes
+    --out must be on a shared filesystem; a node-local folder would crash the first zero checkpoint or resume the
+    nodes from different steps. Rank 0 writes a random token that the others must read within `wait` s."""
+    token = torch.tensor([int.from_bytes(os.urandom(7), "little") if master else 0], device=device)
+    dist.broadcast(token, 0)
+    path = os.path.join(out, ".shared_check")
+    if master:
+        with open(path, "w") as f:
+            f.write(str(token.item()))
+    dist.barrier()
+    seen, deadline = False, time.time() + wait
+    while not seen and time.time() < deadline:  # (a network filesystem may show the file a little late)
+        with contextlib.suppress(OSError):
+            seen = open(path).read() == str(token.item())
+        time.sleep(0 if seen else 0.5)
+    ok = torch.tensor([int(seen)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if master:
+        os.remove(path)
+    if not ok.item():
+        sys.exit(f"error: the ranks do not all see the same --out={out} (a folder local to each node?); every rank "
+                 "writes and reads checkpoints there: put --out on a filesystem that all nodes share")
+
+
 def check_resumable(ckpt, state, cfg):
     """Exits with one line if this run cannot resume from ckpt (checked before any model is loaded)."""
     if state["shard"] != cfg.shard and "ddp" in (state["shard"], cfg.shard):
@@ -654,6 +680,7 @@ def main(argv, score=None):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
                                 rank=rank, world_size=world, timeout=timeout)
+        check_shared_out(cfg.out, master, device)
     elif cfg.shard != "ddp":  # FSDP needs a process group, even of one
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # bf16 compute, fp32 master weights

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_model
-from test_train import data_file, flags, metrics, run  # noqa: F401  (data_file is a fixture)
+from test_train import ROOT, data_file, flags, metrics, run  # noqa: F401  (data_file is a fixture)
 
 TORCHRUN2 = ("torchrun", "--standalone", "--nproc_per_node=2", "train.py")
 
@@ -186,20 +186,35 @@ def test_resume_on_fewer_ranks(model_dir, data_file, tmp_path, shard):
         assert r.returncode != 0 and "has no shards/" in r.stderr and "Loading weights" not in r.stderr
 
 
-@pytest.mark.slow
-def test_two_nodes_c10d_rendezvous(model_dir, data_file, tmp_path):
-    """Two torchrun launchers ("nodes", one rank each) joined by c10d rendezvous, as on a cluster."""
+def two_nodes(args, cwds):
+    """Two torchrun launchers ("nodes", one rank each) joined by c10d rendezvous, as on a cluster -> their results."""
     import socket
     import subprocess
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "2nodes")
     cmd = ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-           "--rdzv_id=test", "train.py", *flags(model_dir, data_file, out, shard="zero3", steps=2)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    nodes = [subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [n.communicate(timeout=300) for n in nodes]
-    assert all(n.returncode == 0 for n in nodes), results[0][1][-2000:] + results[1][1][-2000:]
+           "--rdzv_id=test", os.path.join(ROOT, "train.py"), *args]
+    nodes = [subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cwd in cwds]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    return [(n.returncode, *o) for n, o in zip(nodes, outputs)]
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous(model_dir, data_file, tmp_path):
+    out = str(tmp_path / "2nodes")
+    results = two_nodes(flags(model_dir, data_file, out, shard="zero3", steps=2), [ROOT, ROOT])
+    assert all(rc == 0 for rc, _, _ in results), results[0][2][-2000:] + results[1][2][-2000:]
     assert [m["step"] for m in metrics(out)] == [1, 2]
-    assert "2 ranks x 2 prompts" in results[0][0] + results[1][0]
+    assert "2 ranks x 2 prompts" in results[0][1] + results[1][1]
+
+
+def test_nodes_without_a_shared_out_stop_before_loading(model_dir, data_file, tmp_path):
+    """A relative --out from two working directories: each "node" sees its own folder, as without a shared
+    filesystem. Both stop with one line before loading a model, not at the first checkpoint."""
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for d in cwds:
+        d.mkdir()
+    results = two_nodes(flags(model_dir, data_file, "run", shard="zero3", steps=2), cwds)
+    for rc, _, err in results:
+        assert rc != 0 and "do not all see the same --out=run" in err and "Loading weights" not in err, err[-2000:]
