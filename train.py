@@ -14,7 +14,8 @@ samples.jsonl and step_NNNNNN/ checkpoints; starting a run in a directory that h
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
 mini-batch are the update forward's own (detached) log-probs, which is what a separate forward would compute; the
-sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every step, so a resumed run replays exactly.
+sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every step, so a resumed run replays exactly
+(bit-exactly on CPU; on GPU, flash-attn's backward is not deterministic unless FLASH_ATTENTION_DETERMINISTIC=1).
 """
 import contextlib
 import dataclasses
@@ -63,13 +64,14 @@ class Config:
     micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
     grad_ckpt: bool = True          # gradient checkpointing in the update
     steps: int = 100                # rollout batches (100 ~ 12 epochs of 8,532 prompts)
-    save_every: int = 5             # checkpoint every N steps (and at the end)
+    save_every: int = 5             # checkpoint every N steps (and at the end); 0 = never (benchmarks only)
     keep_last: int = 2              # newest N checkpoints keep their training state; older keep model/ only; 0 = all
     out: str = "runs/7b"            # run directory
     seed: int = 0
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     engine: str = "drop"            # rollout engine: drop (decode loop dropping finished rows) | pad (HF generate) | cb
+    cb_memory: float = 0.9          # engine cb on GPU: fraction of free GPU memory its paged KV cache takes
     rollout_prompts: int = 12       # prompts per generate call: bounds the KV cache (MEMORY.md's rows/call / G); 0 = all
     gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
@@ -136,9 +138,10 @@ def parse_config(argv):
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
                      (min(cfg.prompts_per_step, cfg.mini_batches, cfg.micro_batch_tokens, cfg.steps,
-                          cfg.save_every, cfg.max_response_len, cfg.gen_tp) < 1,
-                      "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --save_every, "
-                      "--max_response_len and --gen_tp must be >= 1"),
+                          cfg.max_response_len, cfg.gen_tp) < 1,
+                      "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --max_response_len and "
+                      "--gen_tp must be >= 1"),
+                     (not 0 < cfg.cb_memory <= 1, "--cb_memory must be in (0, 1]"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
                      (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
                      (cfg.gen_tp > 1 and cfg.engine != "drop", "--gen_tp > 1 needs --engine=drop"),
@@ -316,6 +319,20 @@ def load_tokenizer(name, cfg):
     return tok
 
 
+def attention_impl(device):
+    """"flash_attention_2" where flash-attn imports on CUDA, else "sdpa". Imported here, not just found: a wheel built
+    for another torch fails now with a warning, rather than at the first forward after a long model load."""
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except (ImportError, OSError) as e:
+        print(f"warning: flash-attn is installed but does not import ({str(e).splitlines()[0]}); using sdpa",
+              file=sys.stderr)
+        return "sdpa"
+
+
 def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
     """fp32 weights (the master copy) unless dtype says otherwise; attention = flash_attention_2 when importable on
     CUDA, else sdpa.
@@ -323,8 +340,7 @@ def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
     zero2/zero3, where shard_model splits it before init_shards gives each rank its slice of the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     folder, gguf = resolve_model(name)
-    attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    kw = dict(attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    kw = dict(attn_implementation=attention_impl(device), trust_remote_code=cfg.trust_remote_code)
     if empty:
         from accelerate import init_empty_weights
         with init_empty_weights(include_buffers=False):
@@ -589,6 +605,7 @@ def run_info(cfg):
 
 
 def peak_memory_gb(device):
+    """GiB: the GPU's max allocated since the last reset (train.py resets it each step), or the process's max RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
@@ -652,6 +669,9 @@ def main(argv, score=None):
                  f"{cfg.model}'s context of {context}; lower --max_response_len (Qwen2.5-Math: --preset=math-7b)")
     if cfg.gen_tp > 1:
         tp_plan(model_config, cfg.gen_tp)
+    if cfg.engine == "cb" and cfg.shard == "ddp" and torch.cuda.is_available():
+        sys.exit("error: --engine=cb decodes in the weights' own dtype (its thread escapes autocast), fp32 under "
+                 "--shard=ddp on GPU, which flash-attn refuses; use --engine=drop, or --shard=zero2 (bf16 weights)")
     if cfg.shard != "ddp":  # zero checkpoints write their HF export with DCP's safetensors writer
         import torch.distributed.checkpoint as dcp
         writer = getattr(dcp, "HuggingFaceStorageWriter", None)
@@ -743,6 +763,8 @@ def main(argv, score=None):
                         if l.endswith("\n") and json.loads(l)["step"] <= start]
                 open(path, "w").writelines(kept)
 
+    log(f"models loaded: peak memory {peak_memory_gb(device):.1f} GiB (rank 0)")
+
     def all_sum(values):  # sum a list of floats over ranks
         t = torch.tensor(values, dtype=torch.float64, device=device)
         if world > 1:
@@ -753,15 +775,20 @@ def main(argv, score=None):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
         idx = sampler.next()  # this rank's prompts
         t0 = time.time()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gb: this step's (CPU: max RSS, never reset)
 
         # 1. Rollout: G samples per prompt, prompt-major rows.
         lm.eval()
         with autocast, current_weights():  # with a tp_group, its ranks' prompts are decoded together, as one batch
             ro = generate(rollout_lm, [prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature,
                           cfg.top_p, stop_ids, tokenizer.pad_token_id, progress=master, engine=cfg.engine,
-                          max_prompts=cfg.rollout_prompts, tp_group=tp_group)
+                          max_prompts=cfg.rollout_prompts, tp_group=tp_group, cb_memory=cfg.cb_memory)
         lm.train()
         t1 = time.time()
+        rollout_mem = peak_memory_gb(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)  # from here: the update's peak
 
         # 2. Reward and group-normalised advantages on this rank's own groups.
         texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)])
@@ -824,7 +851,7 @@ def main(argv, score=None):
                  skipped_updates=skipped, grade_timeouts=int(to_s), grade_errors=int(fail_n),
                  t_rollout=t1 - t0, t_reward=t2 - t1, t_logprobs=t3 - t2, t_update=t4 - t3, t_step=t4 - t0,
                  gen_tok_s=ro.lengths.sum().item() / (t1 - t0), train_tok_s=sum(seq_lens) / (t4 - t3),
-                 peak_mem_gb=peak_memory_gb(device))
+                 peak_mem_gb=max(rollout_mem, peak_memory_gb(device)), peak_mem_rollout_gb=rollout_mem)
         if cfg.eval_every and step % cfg.eval_every == 0:  # greedy, the Zoo's validation; every rank takes part
             from eval import evaluate
             with current_weights():
@@ -847,11 +874,12 @@ def main(argv, score=None):
                                             gold=golds[idx[b // G]], reward=grades[b].reward, pred=grades[b].pred,
                                             finish=ro.finish_reason[b])) + "\n")
         stop = bad_steps >= 3
-        if step % cfg.save_every == 0 or step == cfg.steps or stop:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop):
             save_checkpoint(cfg.out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); "
-                     f"stopped with a checkpoint at step {step}. Lower --lr or check the data.")
+                     f"stopped{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check "
+                     "the data.")
     if dist.is_initialized():
         dist.destroy_process_group()
 

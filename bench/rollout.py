@@ -30,6 +30,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rollout import generate  # noqa: E402
+from train import attention_impl  # noqa: E402  (flash_attention_2 where it imports on CUDA, as in training)
 
 CONFIGS = {  # shapes of the Hugging Face configs (Qwen/Qwen2.5-1.5B, Qwen/Qwen2.5-7B), plus a CPU-sized one
     "quick": dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -43,7 +44,8 @@ HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 
 
 def build(name, dtype, device):
-    cfg = Qwen2Config(**CONFIGS[name], max_position_embeddings=32768, rope_theta=1e6, eos_token_id=0, pad_token_id=0)
+    cfg = Qwen2Config(**CONFIGS[name], max_position_embeddings=32768, rope_theta=1e6, eos_token_id=0, pad_token_id=0,
+                      attn_implementation=attention_impl(device))
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -126,14 +128,15 @@ def main():
         row_steps = B * R if engine == "pad" else useful
         line = dict(engine=engine, tokens_per_s=round(useful / seconds, 1),
                     useful_token_fraction=round(useful / row_steps, 3), seconds=round(seconds, 2), rows=B,
-                    device=name, model=args.model_config, dtype=str(dtype)[6:], useful_tokens=useful,
+                    device=name, model=args.model_config, dtype=str(dtype)[6:],
+                    attn=model.config._attn_implementation, useful_tokens=useful,
                     row_steps=row_steps, logit_rows=logit_rows[0], mean_len=round(useful / B, 1), max_len=R,
                     hit_max=round(sum(r == "length" for r in ro.finish_reason) / B, 3),
                     max_new_tokens=args.max_new_tokens, prompt_len=f"{args.prompt_len // 2}-{args.prompt_len}")
         if cuda:
             ideal = roofline_seconds(model, prompts, ro.lengths, args.samples)
             line["hbm_roofline_pct"] = round(100 * ideal / seconds, 1)
-            line["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+            line["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         print(json.dumps(line), flush=True)
 
 

@@ -10,8 +10,9 @@ tokenizer trained offline; cached in --cache), then runs `torchrun --standalone 
 the built-in arithmetic data with the Zoo's settings (qwen-boxed template, 8 samples, kl_coef 1e-4) and the flags
 after `--`. A random model rarely emits a stop token, so nearly every response runs to --max_response_len: the
 rollout's KV cache is at its worst case, which is what the memory estimate assumes. Prints one JSON line per step
-(train.py's metrics: peak_mem_gb = torch.cuda.max_memory_allocated on GPU, process max RSS on CPU) and one with
-bench/memory.py's estimate for the same shape, shard mode, GPU count and micro-batch budget.
+(train.py's metrics: peak_mem_gb = torch.cuda.max_memory_allocated during that step on GPU, and
+peak_mem_rollout_gb during its rollout; process max RSS on CPU; train.py also prints the peak after loading) and one with bench/memory.py's estimate for the same shape, shard
+mode, GPU count and micro-batch budget. No checkpoint is written (--save_every=0: a 7B zero3 one is ~120 GB).
 """
 import argparse
 import json
@@ -92,7 +93,7 @@ def main():
     folder = os.path.join(args.cache, f"{args.model_config}-{device.type}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         build_model(args.model_config, folder, device)
-    base = dict(model=folder, data="arith", template="qwen-boxed", out=args.out, steps=2, save_every=1000,
+    base = dict(model=folder, data="arith", template="qwen-boxed", out=args.out, steps=2, save_every=0,
                 prompts_per_step=8 * args.nproc, mini_batches=1, max_response_len=1024)
     flags = [f"--{k}={v}" for k, v in base.items()] + flags  # later flags win
     shutil.rmtree(args.out, ignore_errors=True)
@@ -101,7 +102,7 @@ def main():
         sys.exit(f"error: train.py exited with {r.returncode}")
     for line in open(os.path.join(args.out, "metrics.jsonl")):
         m = json.loads(line)
-        print(json.dumps({k: m[k] for k in ("step", "peak_mem_gb", "t_step", "t_rollout", "t_logprobs", "t_update",
+        print(json.dumps({k: m[k] for k in ("step", "peak_mem_gb", "peak_mem_rollout_gb", "t_step", "t_rollout", "t_logprobs", "t_update",
                                             "gen_tok_s", "train_tok_s", "len_mean")}
                          | dict(model_config=args.model_config, nproc=args.nproc, device=device.type,
                                 gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)))

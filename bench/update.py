@@ -1,14 +1,17 @@
 """Update throughput: training tokens/s and MFU of train.accumulate_gradients, padded vs packed micro-batches.
 
     python bench/update.py --quick                                  # CPU, tiny random model, < 1 min
-    python bench/update.py --model_config=qwen2.5-7b --samples=64   # GPU: random weights of that shape, bf16, GC on
+    python bench/update.py --model_config=qwen2.5-1.5b --samples=64 # GPU: random weights of that shape, bf16, GC on
+    python bench/update.py --model_config=qwen2.5-7b --dtype=bf16   # 7B on one 80 GB GPU: bf16 weights and grads
 
 Workload: `samples` sequences, prompt 200 tokens, response lengths drawn log-uniformly in [32, max_response] (a Zoo-like
 spread), one mini-batch split into micro-batches of --micro_batch_tokens by train.plan_micro_batches. Tokens/s counts
 real (unpadded) prompt+response tokens; MFU = 6 * params * tokens / seconds / peak FLOP/s (H100 SXM bf16 dense:
 989e12; on CPU there is no peak to compare with, so mfu is null and achieved TFLOP/s is printed). "packed" needs a
 varlen attention kernel to be fast (flash-attn); on SDPA it is correct but builds a dense block mask. One JSON line
-per mode.
+per mode. --dtype=fp32 (default) is train.py's ddp update: fp32 weights and gradients under bf16 autocast (on GPU; 10
+bytes/param with autocast's bf16 weight copy, 71 GiB for 7B: too much for one 80 GB GPU next to the activations).
+--dtype=bf16 keeps weights and gradients in bf16 (4 bytes/param): the same matmuls as a zero2/zero3 layer's compute.
 """
 import argparse
 import json
@@ -21,7 +24,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import Config, Policy, Samples, accumulate_gradients, plan_micro_batches  # noqa: E402
+from train import Config, Policy, Samples, accumulate_gradients, attention_impl, plan_micro_batches  # noqa: E402
 
 SHAPES = {  # Qwen2.5 config.json values (no download)
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -40,16 +43,19 @@ def main():
     p.add_argument("--max_response", type=int, default=4096)
     p.add_argument("--micro_batch_tokens", type=int, default=32768)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and gradients (see above)")
     p.add_argument("--quick", action="store_true", help="CPU: tiny model, 32 samples, responses <= 256")
     a = p.parse_args()
     if a.quick:
         a.model_config, a.samples, a.max_response, a.micro_batch_tokens, a.repeats = "tiny", 32, 256, 4096, 1
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    attn = "flash_attention_2" if cuda and __import__("importlib").util.find_spec("flash_attn") else "sdpa"
+    attn = attention_impl(device)
     torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[a.model_config], max_position_embeddings=32768,
-                                      attn_implementation=attn)).to(device)
+    with torch.device(device):  # random init on the device, not on the host
+        lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[a.model_config], max_position_embeddings=32768,
+                                          attn_implementation=attn))
+    lm = lm.to({"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
     n_params = sum(p.numel() for p in lm.parameters())
@@ -79,12 +85,14 @@ def main():
         tokens = sum(len(x) for x in seqs)
         padded_tokens = sum(len(mb) * max(len(seqs[i]) for i in mb) for mb in plan)
         flops = 6 * n_params * tokens / sec
-        print(json.dumps(dict(mode="packed" if packed else "padded", model=a.model_config, attn=attn,
+        print(json.dumps(dict(mode="packed" if packed else "padded", model=a.model_config, attn=attn, dtype=a.dtype,
                               device=torch.cuda.get_device_name() if cuda else "cpu", samples=a.samples,
                               micro_batches=len(plan), tokens=tokens,
                               computed_tokens=tokens if packed else padded_tokens, seconds=round(sec, 3),
                               tokens_per_s=round(tokens / sec, 1), tflops=round(flops / 1e12, 3),
-                              mfu=round(flops / 989e12, 4) if cuda else None)), flush=True)
+                              mfu=round(flops / 989e12, 4) if cuda else None,
+                              peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None)),
+              flush=True)
 
 
 if __name__ == "__main__":

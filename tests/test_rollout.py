@@ -70,7 +70,8 @@ def test_stop_token_ids(tokenizer):
     assert "<|nonexistent|>" not in smol.get_vocab() and len(stop_token_ids(smol, ["<|nonexistent|>"])) == 2
     # the model's generation_config.eos_token_id (int or list) stops too, as in vLLM
     assert stop_token_ids(tokenizer, model_eos=[7, 9]) == sorted({*ids, 7, 9})
-    assert stop_token_ids(tokenizer, model_eos=11) == sorted({*ids, 11}) and stop_token_ids(tokenizer, model_eos=None) == ids
+    assert stop_token_ids(tokenizer, model_eos=11) == sorted({*ids, 11})
+    assert stop_token_ids(tokenizer, model_eos=None) == ids
 
 
 def test_chunked_generation_equals_one_call(tokenizer):

@@ -39,7 +39,7 @@ def metrics(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
+def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="did you mean --prompts_per_step"):
         train.parse_config(["--prompt_per_step=8"])
     with pytest.raises(SystemExit, match="not a valid float"):
@@ -50,7 +50,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
                      ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in"),
                      ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1"),
                      ("--grad_clip=0", "grad_clip must be > 0"), ("--lr=nan", "not a finite number"),
-                     ("--temperature=inf", "not a finite number")]:
+                     ("--temperature=inf", "not a finite number"), ("--cb_memory=0", "cb_memory must be in"),
+                     ("--cb_memory=1.5", "cb_memory must be in")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
@@ -92,6 +93,10 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
                tmp_path / "run" / "step_000002" / "state.pt")
     r = run(flags(model_dir, data_file, str(tmp_path / "run"), seed=1))
     assert r.returncode != 0 and "resume with that --seed" in r.stderr and "Loading weights" not in r.stderr + r.stdout
+    # on a GPU, cb would decode ddp's fp32 weights (its thread escapes autocast): refused before anything touches CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="--engine=cb decodes in the weights' own dtype"):
+        train.main(flags(model_dir, data_file, str(tmp_path / "cb"), engine="cb"))
 
 
 def sevens(responses, golds):
@@ -130,7 +135,7 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
     assert [json.loads(l)["step"] for l in open(os.path.join(b, "samples.jsonl"))] == \
            [json.loads(l)["step"] for l in open(os.path.join(a, "samples.jsonl"))]
-    volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem_gb")
+    volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem")
     for x, y in zip(ma, mb):
         assert {k: v for k, v in x.items() if not k.startswith(volatile)} == \
                {k: v for k, v in y.items() if not k.startswith(volatile)}
@@ -168,6 +173,10 @@ def test_non_finite_steps_skip_the_update_and_stop_with_a_checkpoint(model_dir, 
     w0 = load_file(os.path.join(model_dir, "model.safetensors"))
     w3 = load_file(os.path.join(out, "step_000003", "model", "model.safetensors"))
     assert all(torch.equal(w0[k], w3[k]) for k in w0)  # no update was made
+    out0 = str(tmp_path / "nan_unsaved")  # --save_every=0 (benchmarks): no checkpoint, not even at the stop
+    with pytest.raises(SystemExit, match="stopped at step 3"):
+        train.main(flags(model_dir, data_file, out0, steps=10, save_every=0), score=nan)
+    assert [x["step"] for x in metrics(out0)] == [1, 2, 3] and not [d for d in os.listdir(out0) if "step_" in d]
 
 
 @pytest.mark.slow
@@ -182,3 +191,19 @@ def test_eval_every_logs_benchmark_accuracy(model_dir, data_file, tmp_path):
     assert all(m["eval_math500"] == 0.0 for m in metrics(out))  # a random tiny model is wrong, but it was evaluated
     r = run(flags(model_dir, data_file, str(tmp_path / "ev2"), eval_every=1, eval_data_dir=str(tmp_path / "nope")))
     assert r.returncode != 0 and "nope/math500/test.jsonl" in r.stderr and "Loading weights" not in r.stderr
+
+
+def test_attention_impl_imports_flash_attn(tmp_path, monkeypatch, capsys):
+    """flash_attention_2 only on CUDA and only when flash_attn imports; a broken wheel falls back to sdpa, loudly."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    if __import__("importlib").util.find_spec("flash_attn") is None:
+        assert train.attention_impl(cuda) == "sdpa"
+    for body, expect in [("raise ImportError('undefined symbol: _ZN3c10')", "sdpa"), ("", "flash_attention_2")]:
+        pkg = tmp_path / expect / "flash_attn"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text(body)
+        monkeypatch.setattr(sys, "path", [str(tmp_path / expect), *sys.path])
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+        assert train.attention_impl(cuda) == expect and train.attention_impl(cpu) == "sdpa"
+    assert "flash-attn is installed but does not import (undefined symbol" in capsys.readouterr().err
