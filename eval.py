@@ -200,7 +200,8 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
     prompts = [tokenizer(TEMPLATES[template].replace("{question}", p["question"]))["input_ids"] for p in share]
     order = sorted(range(len(share)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
     mine = []
-    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(template, []), model.generation_config.eos_token_id)
+    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(template, []),
+                              getattr(model.generation_config, "eos_token_id", None))
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
     device, was_training = next(model.parameters()).device, model.training
     model.eval()

@@ -63,7 +63,7 @@ class _Progress(StoppingCriteria):
 def stop_token_ids(tokenizer, extra_words=(), model_eos=None):
     """EOS plus the ChatML/GPT end tokens that exist in this vocabulary, plus single-token stop words (abel template),
     plus model_eos: the model's generation_config.eos_token_id (an int, a list or None), on which vLLM stops too
-    (for Qwen2.5 it is the tokenizer's EOS; Llama-3.1 adds <|eom_id|> and <|eot_id|>)."""
+    (for Qwen2.5 it is the tokenizer's EOS; Llama-3.1-Instruct adds <|eom_id|> and <|eot_id|>)."""
     ids, vocab = {tokenizer.eos_token_id}, tokenizer.get_vocab()
     ids.update([model_eos] if isinstance(model_eos, int) else model_eos or [])
     for tok in ["<|im_end|>", "<|endoftext|>", "</s>", *extra_words]:
@@ -177,7 +177,7 @@ def _generate_drop(model, prompts, n, max_new_tokens, temperature, top_p, stop_i
 
 
 def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
-                 memory=0.9):
+                 memory=0.0):
     """HF continuous batching -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
     Its sampler applies exactly the warpers _get_logits_processor builds from our config (temperature if != 1, top_p
     if < 1; do_sample must be set, None means greedy there) and samples softmax of the result; its log-probs are
@@ -191,14 +191,15 @@ def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=None if greedy else 0, max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
         eos_token_id=list(stop_ids), pad_token_id=pad_id)
-    # Paged KV cache: `memory` of the free GPU memory. Without flash-attn (sdpa) HF packs the batch into one sequence
-    # under a dense (max_batch_tokens, cache tokens) mask: each query scores every key of the batch. On CPU (where HF
-    # would take 60% of RAM) we size it for this batch instead: every row at full length in pages of 32 tokens, and
-    # max_batch_tokens cut so the mask stays under 2^26 entries (the default took 18 s to fill on 2 cores).
+    # Paged KV cache: `memory` of the free GPU memory (0: HF's default). Without flash-attn (sdpa) HF packs the batch
+    # into one sequence under a dense (max_batch_tokens, cache tokens) mask: each query scores every key of the batch.
+    # On CPU (where HF would take 60% of RAM) we size it for this batch instead: every row at full length in pages of
+    # 32 tokens, and max_batch_tokens cut so the mask stays under 2^26 entries (the default took 18 s to fill on 2
+    # cores).
     # With flash-attn HF captures CUDA graphs; not across FSDP's per-layer hooks (zero2/zero3: they sync streams).
     from torch.distributed.fsdp import FSDPModule
     fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
-    cache = ContinuousBatchingConfig(return_logprobs=return_logprobs, max_memory_percent=memory,
+    cache = ContinuousBatchingConfig(return_logprobs=return_logprobs, max_memory_percent=memory or None,
                                      use_cuda_graph=False if fsdp else None)
     if next(model.parameters()).device.type == "cpu":
         cache.page_size = 32
@@ -225,13 +226,14 @@ def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids
 
 @torch.no_grad()
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False, engine="drop", max_prompts=0, tp_group=None, cb_memory=0.9):
+             progress=False, engine="drop", max_prompts=0, tp_group=None, cb_memory=0.0):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
     engine: "drop" (default: the fastest measured, BENCHMARKS.md) | "pad" | "cb" (see the file docstring).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it).
     tp_group: the process group of a tensor-parallel model (train.tensor_parallel_copy). Its ranks decode the prompts
     of all of them together, as one batch, and each gets the rows of its own prompts. Engine "drop" only.
-    cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes."""
+    cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes (0: HF's default, 0.9,
+    or 0.8 when temperature/top_p processors run)."""
     if engine not in ("pad", "drop", "cb"):
         raise ValueError(f"engine={engine!r}: expected 'pad', 'drop' or 'cb'")
     if tp_group is not None and engine != "drop":

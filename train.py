@@ -14,13 +14,15 @@ samples.jsonl and step_NNNNNN/ checkpoints; starting a run in a directory that h
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
 mini-batch are the update forward's own (detached) log-probs, which is what a separate forward would compute; the
-sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every step, so a resumed run replays exactly
-(bit-exactly on CPU; on GPU, flash-attn's backward is not deterministic unless FLASH_ATTENTION_DETERMINISTIC=1).
+sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every step, so a resumed run replays the
+uninterrupted one: bit-exactly on CPU; on GPU closely, not bit-exactly (attention backward kernels are not
+deterministic).
 """
 import contextlib
 import dataclasses
 import datetime
 import difflib
+import functools
 import importlib.util
 import inspect
 import json
@@ -71,7 +73,7 @@ class Config:
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     engine: str = "drop"            # rollout engine: drop (decode loop dropping finished rows) | pad (HF generate) | cb
-    cb_memory: float = 0.9          # engine cb on GPU: fraction of free GPU memory its paged KV cache takes
+    cb_memory: float = 0.0          # engine cb on GPU: free-memory share of its paged KV cache; 0 = HF's (0.8-0.9)
     rollout_prompts: int = 12       # prompts per generate call: bounds the KV cache (MEMORY.md's rows/call / G); 0 = all
     gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
@@ -141,7 +143,7 @@ def parse_config(argv):
                           cfg.max_response_len, cfg.gen_tp) < 1,
                       "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --max_response_len and "
                       "--gen_tp must be >= 1"),
-                     (not 0 < cfg.cb_memory <= 1, "--cb_memory must be in (0, 1]"),
+                     (cfg.cb_memory > 1, "--cb_memory must be in [0, 1] (0: HF's default)"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
                      (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
                      (cfg.gen_tp > 1 and cfg.engine != "drop", "--gen_tp > 1 needs --engine=drop"),
@@ -319,6 +321,7 @@ def load_tokenizer(name, cfg):
     return tok
 
 
+@functools.cache
 def attention_impl(device):
     """"flash_attention_2" where flash-attn imports on CUDA, else "sdpa". Imported here, not just found: a wheel built
     for another torch fails now with a warning, rather than at the first forward after a long model load."""
@@ -540,11 +543,12 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dist.barrier()
 
 
-def check_shared_out(out, master, device, wait=10.0):
-    """Exits with one line on every rank unless all ranks see the same --out folder. Every rank writes checkpoints
-    there (zero2/zero3: its shards, which rank 0 then merges) and reads them back on resume, so with several nodes
-    --out must be on a shared filesystem; a node-local folder would crash the first zero checkpoint or resume the
-    nodes from different steps. Rank 0 writes a random token that the others must read within `wait` s."""
+def check_shared_out(out, resume_step, master, device, wait=10.0):
+    """Exits with one line on every rank unless all ranks see the same --out folder and would resume from the same
+    step. Every rank writes checkpoints there (zero2/zero3: its shards, which rank 0 then merges) and reads them back
+    on resume, so with several nodes --out must be on a shared filesystem: with a node-local folder, zero checkpoints
+    silently lack the other nodes' shards (rank 0 merges half-size tensors), and a restart would resume the nodes from
+    different steps. Rank 0 writes a random token that the others must read within `wait` s."""
     token = torch.tensor([int.from_bytes(os.urandom(7), "little") if master else 0], device=device)
     dist.broadcast(token, 0)
     path = os.path.join(out, ".shared_check")
@@ -564,6 +568,12 @@ def check_shared_out(out, master, device, wait=10.0):
     if not ok.item():
         sys.exit(f"error: the ranks do not all see the same --out={out} (a folder local to each node?); every rank "
                  "writes and reads checkpoints there: put --out on a filesystem that all nodes share")
+    lo, hi = torch.tensor([resume_step], device=device), torch.tensor([resume_step], device=device)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():  # e.g. a network filesystem's stale directory listing right after a checkpoint
+        sys.exit(f"error: the ranks found different latest checkpoints in --out={out} (steps {lo.item()} to "
+                 f"{hi.item()}); restart the job (with torchrun --max-restarts it retries by itself)")
 
 
 def check_resumable(ckpt, state, cfg):
@@ -604,7 +614,7 @@ def run_info(cfg):
                 torch=torch.__version__, transformers=transformers.__version__)
 
 
-def peak_memory_gb(device):
+def peak_memory_gib(device):
     """GiB: the GPU's max allocated since the last reset (train.py resets it each step), or the process's max RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -670,8 +680,8 @@ def main(argv, score=None):
     if cfg.gen_tp > 1:
         tp_plan(model_config, cfg.gen_tp)
     if cfg.engine == "cb" and cfg.shard == "ddp" and torch.cuda.is_available():
-        sys.exit("error: --engine=cb decodes in the weights' own dtype (its thread escapes autocast), fp32 under "
-                 "--shard=ddp on GPU, which flash-attn refuses; use --engine=drop, or --shard=zero2 (bf16 weights)")
+        sys.exit("error: --engine=cb decodes in the weights' own dtype (its thread escapes autocast): fp32 under "
+                 "--shard=ddp, which flash-attn rejects (sdpa: slow); use --engine=drop, or --shard=zero2 (bf16)")
     if cfg.shard != "ddp":  # zero checkpoints write their HF export with DCP's safetensors writer
         import torch.distributed.checkpoint as dcp
         writer = getattr(dcp, "HuggingFaceStorageWriter", None)
@@ -700,7 +710,7 @@ def main(argv, score=None):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
                                 rank=rank, world_size=world, timeout=timeout)
-        check_shared_out(cfg.out, master, device)
+        check_shared_out(cfg.out, state["step"] if state else 0, master, device)
     elif cfg.shard != "ddp":  # FSDP needs a process group, even of one
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # bf16 compute, fp32 master weights
@@ -735,10 +745,12 @@ def main(argv, score=None):
         if ref is not None:
             init_shards(ref, init, device)
         del init
-    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []), lm.generation_config.eos_token_id)
+    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []),
+                              getattr(lm.generation_config, "eos_token_id", None))
     rollout_lm, tp_group = lm, None  # what generates: the policy itself, or its tensor-parallel copy (--gen_tp > 1)
     if cfg.gen_tp > 1:
         rollout_lm, tp_group = tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)
+        rollout_lm.generation_config = lm.generation_config  # (from_config: config.json's EOS only; eval reads it)
 
     def current_weights():  # the policy's weights, ready for rollout_lm to generate with
         if tp_group is None:
@@ -763,7 +775,7 @@ def main(argv, score=None):
                         if l.endswith("\n") and json.loads(l)["step"] <= start]
                 open(path, "w").writelines(kept)
 
-    log(f"models loaded: peak memory {peak_memory_gb(device):.1f} GiB (rank 0)")
+    log(f"models loaded: peak memory {peak_memory_gib(device):.1f} GiB (rank 0)")
 
     def all_sum(values):  # sum a list of floats over ranks
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -776,7 +788,7 @@ def main(argv, score=None):
         idx = sampler.next()  # this rank's prompts
         t0 = time.time()
         if cuda:
-            torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gb: this step's (CPU: max RSS, never reset)
+            torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
         # 1. Rollout: G samples per prompt, prompt-major rows.
         lm.eval()
@@ -786,7 +798,7 @@ def main(argv, score=None):
                           max_prompts=cfg.rollout_prompts, tp_group=tp_group, cb_memory=cfg.cb_memory)
         lm.train()
         t1 = time.time()
-        rollout_mem = peak_memory_gb(device)
+        rollout_mem = peak_memory_gib(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)  # from here: the update's peak
 
@@ -851,7 +863,7 @@ def main(argv, score=None):
                  skipped_updates=skipped, grade_timeouts=int(to_s), grade_errors=int(fail_n),
                  t_rollout=t1 - t0, t_reward=t2 - t1, t_logprobs=t3 - t2, t_update=t4 - t3, t_step=t4 - t0,
                  gen_tok_s=ro.lengths.sum().item() / (t1 - t0), train_tok_s=sum(seq_lens) / (t4 - t3),
-                 peak_mem_gb=max(rollout_mem, peak_memory_gb(device)), peak_mem_rollout_gb=rollout_mem)
+                 peak_mem_gib=max(rollout_mem, peak_memory_gib(device)), peak_mem_rollout_gib=rollout_mem)
         if cfg.eval_every and step % cfg.eval_every == 0:  # greedy, the Zoo's validation; every rank takes part
             from eval import evaluate
             with current_weights():

@@ -4,7 +4,7 @@
 For each Qwen2.5 size x GPU count (32B also 64) x --shard mode: the resident bytes at load, during the rollout and
 during the update of a Zoo step (1024 prompts x 8 samples, prompts <= 1024 tokens, kl_coef > 0 so a frozen reference
 is loaded), and how many sequences one HF generate call can hold in its KV cache on an 80 GB H100 with 10% headroom.
-Every formula is in a function below and written out in MEMORY.md. GiB = 2**30 bytes, as train.py's peak_mem_gb.
+Every formula is in a function below and written out in MEMORY.md. GiB = 2**30 bytes, as train.py's peak_mem_gib.
 """
 import argparse
 import math

@@ -44,8 +44,9 @@ HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 
 
 def build(name, dtype, device):
+    attn = attention_impl(device) if dtype != torch.float32 else "sdpa"  # flash-attn takes bf16/fp16 only
     cfg = Qwen2Config(**CONFIGS[name], max_position_embeddings=32768, rope_theta=1e6, eos_token_id=0, pad_token_id=0,
-                      attn_implementation=attention_impl(device))
+                      attn_implementation=attn)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

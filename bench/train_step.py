@@ -10,9 +10,10 @@ tokenizer trained offline; cached in --cache), then runs `torchrun --standalone 
 the built-in arithmetic data with the Zoo's settings (qwen-boxed template, 8 samples, kl_coef 1e-4) and the flags
 after `--`. A random model rarely emits a stop token, so nearly every response runs to --max_response_len: the
 rollout's KV cache is at its worst case, which is what the memory estimate assumes. Prints one JSON line per step
-(train.py's metrics: peak_mem_gb = torch.cuda.max_memory_allocated during that step on GPU, and
-peak_mem_rollout_gb during its rollout; process max RSS on CPU; train.py also prints the peak after loading) and one with bench/memory.py's estimate for the same shape, shard
-mode, GPU count and micro-batch budget. No checkpoint is written (--save_every=0: a 7B zero3 one is ~120 GB).
+(train.py's metrics: peak_mem_gib = torch.cuda.max_memory_allocated from the step's rollout through its update,
+peak_mem_rollout_gib during its rollout; on CPU the process's max RSS; train.py also prints the peak after loading)
+and one with bench/memory.py's estimate for the same shape, shard mode, GPU count and micro-batch budget. No
+checkpoint is written (--save_every=0: a 7B zero3 one is ~122 GB).
 """
 import argparse
 import json
@@ -102,8 +103,9 @@ def main():
         sys.exit(f"error: train.py exited with {r.returncode}")
     for line in open(os.path.join(args.out, "metrics.jsonl")):
         m = json.loads(line)
-        print(json.dumps({k: m[k] for k in ("step", "peak_mem_gb", "peak_mem_rollout_gb", "t_step", "t_rollout", "t_logprobs", "t_update",
-                                            "gen_tok_s", "train_tok_s", "len_mean")}
+        keys = ("step", "peak_mem_gib", "peak_mem_rollout_gib", "t_step", "t_rollout", "t_logprobs", "t_update",
+                "gen_tok_s", "train_tok_s", "len_mean")
+        print(json.dumps({k: m[k] for k in keys}
                          | dict(model_config=args.model_config, nproc=args.nproc, device=device.type,
                                 gpu=torch.cuda.get_device_name() if device.type == "cuda" else None)))
     est = estimate(args.model_config, [f for f in flags if not f.startswith(("--model=", "--data=", "--out="))],

@@ -71,6 +71,8 @@ def main():
         plan = plan_micro_batches(list(range(a.samples)), [len(x) for x in seqs], a.micro_batch_tokens, 1, packed)
         n_tokens = sum(rlens)
         times = []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()  # peak_mem_gib: this mode's
         for _ in range(a.repeats + 1):  # the first run warms up
             lm.zero_grad(set_to_none=True)
             if cuda:

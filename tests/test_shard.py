@@ -218,3 +218,23 @@ def test_nodes_without_a_shared_out_stop_before_loading(model_dir, data_file, tm
     results = two_nodes(flags(model_dir, data_file, "run", shard="zero3", steps=2), cwds)
     for rc, _, err in results:
         assert rc != 0 and "do not all see the same --out=run" in err and "Loading weights" not in err, err[-2000:]
+
+
+def test_ranks_that_would_resume_from_different_steps_stop(tmp_path):
+    """All ranks must resume from the same checkpoint (a network filesystem can list a directory stale on one node):
+    check_shared_out exits every rank with one line instead of mixing the shards of two steps."""
+    script = tmp_path / "check.py"
+    script.write_text(f"""import sys, torch, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+train.check_shared_out({str(tmp_path)!r}, int(sys.argv[1]) * rank, rank == 0, torch.device("cpu"))
+print("agreed")
+""")
+    launcher = ("torchrun", "--standalone", "--nproc_per_node=2")
+    r = run([str(script), "0"], launcher=launcher)
+    assert r.returncode == 0 and r.stdout.count("agreed") == 2, r.stderr[-2000:]
+    r = run([str(script), "5"], launcher=launcher)
+    assert r.returncode != 0 and "different latest checkpoints" in r.stderr and "steps 0 to 5" in r.stderr
+    assert "agreed" not in r.stdout

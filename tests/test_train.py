@@ -50,8 +50,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
                      ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in"),
                      ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1"),
                      ("--grad_clip=0", "grad_clip must be > 0"), ("--lr=nan", "not a finite number"),
-                     ("--temperature=inf", "not a finite number"), ("--cb_memory=0", "cb_memory must be in"),
-                     ("--cb_memory=1.5", "cb_memory must be in")]:
+                     ("--temperature=inf", "not a finite number"), ("--cb_memory=1.5", "cb_memory must be in"),
+                     ("--cb_memory=-0.5", "must be >= 0")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
@@ -196,14 +196,22 @@ def test_eval_every_logs_benchmark_accuracy(model_dir, data_file, tmp_path):
 def test_attention_impl_imports_flash_attn(tmp_path, monkeypatch, capsys):
     """flash_attention_2 only on CUDA and only when flash_attn imports; a broken wheel falls back to sdpa, loudly."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    if __import__("importlib").util.find_spec("flash_attn") is None:
-        assert train.attention_impl(cuda) == "sdpa"
-    for body, expect in [("raise ImportError('undefined symbol: _ZN3c10')", "sdpa"), ("", "flash_attention_2")]:
-        pkg = tmp_path / expect / "flash_attn"
-        pkg.mkdir(parents=True)
-        (pkg / "__init__.py").write_text(body)
-        monkeypatch.setattr(sys, "path", [str(tmp_path / expect), *sys.path])
-        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-        assert train.attention_impl(cuda) == expect and train.attention_impl(cpu) == "sdpa"
-    assert "flash-attn is installed but does not import (undefined symbol" in capsys.readouterr().err
+    real = sys.modules.pop("flash_attn", None)
+    try:
+        train.attention_impl.cache_clear()
+        if __import__("importlib").util.find_spec("flash_attn") is None:
+            assert train.attention_impl(cuda) == "sdpa"
+        for body, expect in [("raise ImportError('undefined symbol: _ZN3c10')", "sdpa"), ("", "flash_attention_2")]:
+            pkg = tmp_path / expect / "flash_attn"
+            pkg.mkdir(parents=True)
+            (pkg / "__init__.py").write_text(body)
+            monkeypatch.setattr(sys, "path", [str(tmp_path / expect), *sys.path])
+            sys.modules.pop("flash_attn", None)
+            train.attention_impl.cache_clear()
+            assert train.attention_impl(cuda) == expect and train.attention_impl(cpu) == "sdpa"
+        assert "flash-attn is installed but does not import (undefined symbol" in capsys.readouterr().err
+    finally:  # no fake flash_attn for later tests
+        sys.modules.pop("flash_attn", None)
+        if real is not None:
+            sys.modules["flash_attn"] = real
+        train.attention_impl.cache_clear()
