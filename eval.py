@@ -44,6 +44,9 @@ import torch.distributed as dist
 
 import reward
 from data import STOP_WORDS, TEMPLATES, DataError
+from distributed import checkpoints
+from flags import parse_flags
+from model import load_lm, load_tokenizer, resolve_model
 from rollout import generate, stop_token_ids
 
 BENCHMARKS = ["gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23"]
@@ -76,7 +79,6 @@ PRESETS = {"base": dict(temperature=0.0, top_p=1.0),   # RECIPE.md: base models 
 
 def parse_config(argv):
     """--name=value flags -> (Config, names given). Unknown names and bad values exit with one line."""
-    from train import parse_flags
     cfg, given = parse_flags(argv, Config, PRESETS)
     for bad, msg in [(sum(map(bool, (cfg.model, cfg.checkpoints, cfg.regrade))) != 1,
                       "give exactly one of --model=PATH_OR_HUB_ID, --checkpoints=RUN_DIR, --regrade=FILE"),
@@ -194,7 +196,7 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
     train mode if it was in train mode. Like vLLM, responses stop (finish "length") before max_new_tokens where
     they would overflow the model's context (max_position_embeddings; here with the batch's longest prompt).
     tp_group: `model` is tensor-parallel over groups of consecutive ranks
-    (train.tensor_parallel_copy); a group takes one share of the problems and decodes each batch of it together."""
+    (distributed.tensor_parallel_copy); a group takes one share of the problems and decodes each batch of it together."""
     tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
     share = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank // tp::world // tp]
     prompts = [tokenizer(TEMPLATES[template].replace("{question}", p["question"]))["input_ids"] for p in share]
@@ -294,7 +296,6 @@ def main(argv):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     master, benchmarks, template = rank == 0, cfg.benchmarks.split(","), cfg.template
-    from train import checkpoints, load_lm, load_tokenizer, resolve_model  # here: train.py may import eval.py
 
     try:  # everything that can fail on bad input happens before a model is loaded
         if cfg.regrade:

@@ -230,7 +230,7 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
     engine: "drop" (default: the fastest measured, BENCHMARKS.md) | "pad" | "cb" (see the file docstring).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it).
-    tp_group: the process group of a tensor-parallel model (train.tensor_parallel_copy). Its ranks decode the prompts
+    tp_group: the process group of a tensor-parallel model (distributed.tensor_parallel_copy). Its ranks decode the prompts
     of all of them together, as one batch, and each gets the rows of its own prompts. Engine "drop" only.
     cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes (0: HF's default, 0.9,
     or 0.8 when temperature/top_p processors run)."""

@@ -13,7 +13,7 @@ from collections import namedtuple
 GIB = 2**30
 BUDGET = 80 * 0.9 * GIB      # H100-80GB (~79.6 GiB usable) minus ~10% for fragmentation, NCCL, CUDA context
 PROMPTS, G, PROMPT_LEN = 1024, 8, 1024  # train.Config: prompts_per_step, samples_per_prompt, max_prompt_len
-LOGIT_CHUNK = 2048           # train.token_logprobs chunk rows
+LOGIT_CHUNK = 2048           # model.token_logprobs chunk rows
 C_H, C_I = 16, 4             # one decoder layer's activations per token, in bf16 elements: 16*hidden + 4*intermediate
 C_PREFILL_H, C_PREFILL_I = 8, 3  # the same without autograd (prefill, no_grad): fewer live tensors
 
@@ -29,7 +29,7 @@ MODES = ("ddp", "zero2", "zero3")
 
 
 def max_tp(m):
-    """The largest --gen_tp <= 8 (one node) that divides the heads, KV heads and MLP width (train.tp_plan)."""
+    """The largest --gen_tp <= 8 (one node) that divides the heads, KV heads and MLP width (distributed.tp_plan)."""
     return max(t for t in (1, 2, 4, 8) if not (m.heads % t or m.kv_heads % t or m.inter % t))
 
 

@@ -30,7 +30,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rollout import generate  # noqa: E402
-from train import attention_impl  # noqa: E402  (flash_attention_2 where it imports on CUDA, as in training)
+from model import attention_impl  # noqa: E402  (flash_attention_2 where it imports on CUDA, as in training)
 
 CONFIGS = {  # shapes of the Hugging Face configs (Qwen/Qwen2.5-1.5B, Qwen/Qwen2.5-7B), plus a CPU-sized one
     "quick": dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,

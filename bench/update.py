@@ -24,7 +24,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import Config, Policy, Samples, accumulate_gradients, attention_impl, plan_micro_batches  # noqa: E402
+from model import Policy, attention_impl  # noqa: E402
+from train import Config, Samples, accumulate_gradients, plan_micro_batches  # noqa: E402
 
 SHAPES = {  # Qwen2.5 config.json values (no download)
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

@@ -1,6 +1,6 @@
 """torchrun --nproc_per_node N tests/ddp_grads.py {ddp,zero3_mixed} OUT: gradients of one mini-batch split over N ranks.
   ddp: the DDP gradients -> OUT (torch.save). Used by test_math.py::test_rank_split_invariance.
-  zero3_mixed: zero3 with the GPU's precision policy (bf16 compute, fp32 reduce; train.shard_model(cuda=True)) next
+  zero3_mixed: zero3 with the GPU's precision policy (bf16 compute, fp32 reduce; distributed.shard_model(cuda=True)) next
     to plain fp32 zero3 -> OUT (json: relative gradient gaps, dtypes). Used by test_shard.py.
 Not a test itself."""
 import json
@@ -14,7 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_model, make_tokenizer  # noqa: E402
 from test_math import make_samples  # noqa: E402
-from train import Config, Policy, accumulate_gradients, plan_micro_batches, shard_model  # noqa: E402
+from distributed import shard_model  # noqa: E402
+from model import Policy  # noqa: E402
+from train import Config, accumulate_gradients, plan_micro_batches  # noqa: E402
 
 mode, out = sys.argv[1:]
 dist.init_process_group("gloo")

@@ -1,5 +1,5 @@
 """torchrun --standalone --nproc_per_node 2 tests/fsdp_gen.py OUT.json: count FSDP all-gathers during a zero3
-rollout with and without train.gathered, and check its samples equal an unsharded model's. Used by test_shard.py."""
+rollout with and without distributed.gathered, and check its samples equal an unsharded model's. Used by test_shard.py."""
 import json
 import os
 import sys
@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_model, make_tokenizer  # noqa: E402
 from rollout import generate  # noqa: E402
-from train import Config, Policy, gathered, shard_model  # noqa: E402
+from distributed import gathered, shard_model  # noqa: E402
+from model import Policy  # noqa: E402
+from train import Config  # noqa: E402
 
 dist.init_process_group("gloo")
 calls = [0]

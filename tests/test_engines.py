@@ -6,7 +6,8 @@ from transformers import GenerationConfig, TopPLogitsWarper
 
 from conftest import make_model
 from rollout import generate
-from train import Policy, Samples, sequence_logprobs
+from model import Policy
+from train import Samples, sequence_logprobs
 
 ENGINES = ["pad", "drop", "cb"]
 TEXTS = ["What is 3 + 5?", "1 2", "Let's think step by step. 7 + 2 =", "9"]  # different lengths: left padding

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import make_model
-from train import (Config, Policy, Samples, accumulate_gradients, batch_logprobs, group_advantages, grpo_loss,
-                   plan_micro_batches, sequence_logprobs, token_logprobs)
+from model import Policy, token_logprobs
+from train import (Config, Samples, accumulate_gradients, batch_logprobs, group_advantages, grpo_loss,
+                   plan_micro_batches, sequence_logprobs)
 
 
 def test_group_advantages_zero_mean_unbiased_std():

@@ -3,7 +3,8 @@ import torch
 
 from conftest import make_model
 from rollout import generate, response_mask, stop_token_ids
-from train import Policy, Samples, sequence_logprobs
+from model import Policy
+from train import Samples, sequence_logprobs
 
 
 def test_decode_logprobs_equal_training_forward(tokenizer):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import distributed
+import model
 import train
 from reward import Grade
 
@@ -66,9 +68,9 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
         train.parse_config(["--gen_tp=2", "--engine=pad"])
     from transformers import Qwen2Config  # the 32B's shape: 40 heads, 8 KV heads, MLP 27648
     qwen32 = Qwen2Config(num_attention_heads=40, num_key_value_heads=8, intermediate_size=27648)
-    assert train.tp_plan(qwen32, 8)["layers.*.self_attn.o_proj"] == "rowwise"
+    assert distributed.tp_plan(qwen32, 8)["layers.*.self_attn.o_proj"] == "rowwise"
     with pytest.raises(SystemExit, match="does not divide"):
-        train.tp_plan(qwen32, 16)
+        distributed.tp_plan(qwen32, 16)
     # process-level: one error line, non-zero exit, before any model is loaded
     r = run(["--bogus=1"])
     assert r.returncode != 0 and "unknown flag" in r.stderr
@@ -198,20 +200,20 @@ def test_attention_impl_imports_flash_attn(tmp_path, monkeypatch, capsys):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     real = sys.modules.pop("flash_attn", None)
     try:
-        train.attention_impl.cache_clear()
+        model.attention_impl.cache_clear()
         if __import__("importlib").util.find_spec("flash_attn") is None:
-            assert train.attention_impl(cuda) == "sdpa"
+            assert model.attention_impl(cuda) == "sdpa"
         for body, expect in [("raise ImportError('undefined symbol: _ZN3c10')", "sdpa"), ("", "flash_attention_2")]:
             pkg = tmp_path / expect / "flash_attn"
             pkg.mkdir(parents=True)
             (pkg / "__init__.py").write_text(body)
             monkeypatch.setattr(sys, "path", [str(tmp_path / expect), *sys.path])
             sys.modules.pop("flash_attn", None)
-            train.attention_impl.cache_clear()
-            assert train.attention_impl(cuda) == expect and train.attention_impl(cpu) == "sdpa"
+            model.attention_impl.cache_clear()
+            assert model.attention_impl(cuda) == expect and model.attention_impl(cpu) == "sdpa"
         assert "flash-attn is installed but does not import (undefined symbol" in capsys.readouterr().err
     finally:  # no fake flash_attn for later tests
         sys.modules.pop("flash_attn", None)
         if real is not None:
             sys.modules["flash_attn"] = real
-        train.attention_impl.cache_clear()
+        model.attention_impl.cache_clear()

@@ -1,5 +1,5 @@
 """torchrun --standalone --nproc_per_node 2 tests/tp_gen.py {ddp,zero3} OUT.json: the rollout's tensor-parallel copy
-(train.tensor_parallel_copy + copy_weights) against the unsharded policy. Used by test_shard.py; writes its checks."""
+(distributed.tensor_parallel_copy + copy_weights) against the unsharded policy. Used by test_shard.py; writes its checks."""
 import json
 import os
 import sys
@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_model, make_tokenizer  # noqa: E402
 from rollout import generate  # noqa: E402
-from train import Config, Policy, copy_weights, shard_model, tensor_parallel_copy  # noqa: E402
+from distributed import copy_weights, shard_model, tensor_parallel_copy  # noqa: E402
+from model import Policy  # noqa: E402
+from train import Config  # noqa: E402
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

