@@ -104,9 +104,10 @@ def test_zero3_generation_gathers_once_per_rollout_not_per_token(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", ["ddp", "zero3"])
 def test_tensor_parallel_rollout_copy_matches_policy(tmp_path, shard):
-    """--gen_tp: the rollout's tensor-parallel copy decodes like the unsharded policy (greedy tokens, log-probs of
-    sampled tokens == a full forward's, so its ranks agreed on every token), each rank gets its own prompts' rows
-    from the pooled batch, the copy follows the policy's updates, and eval.evaluate on it matches the plain model."""
+    """--gen_tp: the rollout's tensor-parallel copy decodes like the unsharded policy with engines "drop" and "slots"
+    (greedy tokens, log-probs of sampled tokens == a full forward's, so its ranks agreed on every token), each rank
+    gets its own prompts' rows from the pooled batch, the copy follows the policy's updates, and eval.evaluate on it
+    matches the plain model."""
     out = tmp_path / "tp.json"
     here = os.path.dirname(os.path.abspath(__file__))
     r = run([os.path.join(here, "tp_gen.py"), shard, str(out)],
@@ -119,6 +120,8 @@ def test_tensor_parallel_rollout_copy_matches_policy(tmp_path, shard):
         for phase in ("initial", "after_update"):
             assert c[f"{phase}_own_rows"] and c[f"{phase}_greedy_equal"]
             assert c[f"{phase}_logprob_err"] < 1e-4
+            assert c[f"{phase}_slots_own_rows"] and c[f"{phase}_slots_greedy_equal"]  # engine "slots", 6 slots
+            assert c[f"{phase}_slots_logprob_err"] < 1e-4
 
 
 @pytest.mark.slow
