@@ -4,16 +4,24 @@
     ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0,
                   engine="drop")
 
-Three engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
+Four engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
 outputs (in fp32; bf16 kernels that depend on the batch shape can flip near-ties) and return the same `Rollout`
-(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "drop", the fastest measured, is the default.
-- "pad":  HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows. Every row is decoded until
-          the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
-- "drop": our own decode loop over a transformers DynamicCache: each prompt is prefilled ONCE and its cache copied to
-          its n rows, and a row leaves the batch (its cache rows are dropped) as soon as it emits a stop token.
-- "cb":   HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
-          top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
-          where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
+(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "drop" is the default.
+- "pad":   HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows. Every row is decoded until
+           the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
+- "drop":  our own decode loop over a transformers DynamicCache: each prompt is prefilled ONCE and its cache copied to
+           its n rows, and a row leaves the batch (its cache rows are dropped) as soon as it emits a stop token.
+- "cb":    HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
+           top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
+           where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
+- "slots": all prompts in one call on S KV-cache slots (`slots=`, or as many as fit in the free GPU memory): a prompt
+           is prefilled ONCE into G = n free slots, a row frees its slot when it ends and the next prompt takes the
+           freed slots, so no row waits for another. The cache is static, (layers, 2, S, longest prompt +
+           max_new_tokens, KV heads, head dim), written in place by our attention function ("slots", registered with
+           transformers' AttentionInterface and selected with the model's own setter for the call), which reads only
+           each slot's own length on CUDA (flash-attn's flash_attn_with_kvcache, else torch's varlen flash kernel with
+           seqused_k) and masked SDPA on CPU/fp32. The decode step has fixed shapes and no host sync (stop flags are
+           read every SYNC_EVERY steps), so on CUDA it is captured once per batch size and replayed as a CUDA graph.
 
 Row order is prompt-major: rows g*n .. g*n+n-1 are the n samples of prompt g. A response is every generated token up to
 and including the first stop token (the stop token is trained); everything after it is padding and masked out.
@@ -390,7 +398,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     Every SYNC_EVERY steps the host reads which slots' rows have ended (one sync), frees them, moves the busy slots
     above the gaps down into them (so slots [0, busy) are the busy ones; the moves copy those rows' live KV, outside
     the step), and while G = n slots are free prefills the next prompt once into G of them. Each step decodes slots
-    [0, b), b = busy (rounded up to a multiple of G where CUDA graphs are captured, one graph per b). So no slot
+    [0, b), b = busy (where CUDA graphs are captured, rounded up to a multiple of G: ~16 graphs, one per b). So no slot
     waits for another row, and the decode forwards are at most
         floor((sum(lengths - 1) + B * k) / (S - G + 1)) + max(lengths) + k - 1    (k = SYNC_EVERY)
     (until the last admission, fewer than G slots are free at each check and a row holds its slot at most k steps
@@ -421,6 +429,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     graphs = {} if flash and CUDA_GRAPHS and tp_group is None and \
         not any(isinstance(m, FSDPModule) for m in model.modules()) else None  # FSDP hooks, TP collectives: eager
     every = SYNC_EVERY.get(device.type, 1)
+    grain = G * max(1, S // (16 * G))  # graphs: b rounded up to this, so at most ~16 graphs
 
     cache = torch.zeros(kv_shape(model, S, cap, tp), dtype=dtype, device=device)  # (layers, 2, S, cap, Hkv, D)
     st = SlotState.empty(S, B, device)
@@ -455,7 +464,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
                     busy, waiting = busy + G, waiting + 1
                 if busy == 0:
                     break
-            b = busy if graphs is None else min(S, -(-busy // G) * G)
+            b = busy if graphs is None else min(S, -(-busy // grain) * grain)
             keys = None if flash else min(cap, -(-max(p + t - a + 1 for p, a in held[:busy]) // 64) * 64)
             step = functools.partial(decode_step, model, cache, st, out_tokens, out_logprobs, b, keys, *args)
             if graphs is None:
@@ -485,7 +494,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
              progress=False, engine="drop", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
-    engine: "drop" (default: the fastest measured, BENCHMARKS.md) | "pad" | "cb" | "slots" (see the file docstring).
+    engine: "drop" (default) | "pad" | "cb" | "slots" (see the file docstring; BENCHMARKS.md times them).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it); not
     with "slots", which takes every prompt in one call and bounds its cache with `slots`.
     tp_group: the process group of a tensor-parallel model (train.tensor_parallel_copy). Its ranks decode the prompts

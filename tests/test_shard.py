@@ -99,6 +99,7 @@ def test_zero3_generation_gathers_once_per_rollout_not_per_token(tmp_path):
     c = __import__("json").load(open(out))
     assert c["gathered"] == c["layers"] + 1  # each FSDP unit (layers + root) once for the whole rollout
     assert c["per_token"] >= c["new_tokens"] * c["layers"]  # what plain generate under zero3 would do
+    assert c["slots_gathered"] == c["layers"] + 1  # engine "slots" under gathered(): no all-gather per step either
 
 
 @pytest.mark.slow
