@@ -398,8 +398,8 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     Every SYNC_EVERY steps the host reads which slots' rows have ended (one sync), frees them, moves the busy slots
     above the gaps down into them (so slots [0, busy) are the busy ones; the moves copy those rows' live KV, outside
     the step), and while G = n slots are free prefills the next prompt once into G of them. Each step decodes slots
-    [0, b), b = busy (where CUDA graphs are captured, rounded up to a multiple of G: ~16 graphs, one per b). So no slot
-    waits for another row, and the decode forwards are at most
+    [0, b), b = busy (where CUDA graphs are captured, rounded up to a multiple of G or more: at most ~16 graphs, one
+    per b). So no slot waits for another row, and the decode forwards are at most
         floor((sum(lengths - 1) + B * k) / (S - G + 1)) + max(lengths) + k - 1    (k = SYNC_EVERY)
     (until the last admission, fewer than G slots are free at each check and a row holds its slot at most k steps
     after it ended; after it, the last admitted rows end within max(lengths) - 1 steps, seen within k).

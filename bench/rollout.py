@@ -20,8 +20,9 @@ decodes on S slots; the chunked engines get max_prompts = S / samples, so each g
 Definitions. useful tokens = response tokens (through the stop token). decode_forwards = model forwards after the
 prefill ("slots": its own count, stats["decode_forwards"], checked against a forward hook where no CUDA graph hides
 the calls; "pad", "drop": forwards of one token per row; "cb": all its forwards, its prefills are mixed in).
-ideal_forwards = max(ceil(sum(lengths) / S), max(lengths)): S slots decode at most S tokens per forward, and the
-longest row needs max(lengths) forwards. schedule_efficiency = ideal_forwards / decode_forwards. fifo_forwards = the
+ideal_forwards = max(ceil(sum(lengths - 1) / S), max(lengths) - 1): S slots decode at most S tokens per forward, the
+longest row needs max(lengths) - 1 forwards (every engine samples a row's first token from its prompt's prefill).
+schedule_efficiency = ideal_forwards / decode_forwards. fifo_forwards = the
 forwards of the best schedule that admits rows in prompt order into S slots as they free (one row at a time, no
 lag): what no in-order engine beats when a long row is admitted late. row_steps = rows decoded, summed over forwards.
 Roofline (CUDA only): the time to read, at the GPU's HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s), the weights
@@ -147,7 +148,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="CPU-sized: small model, 16 prompts x 8, 512 tokens, mean "
                                                          "50, 32 slots, 1 thread")
-    ap.add_argument("--model_config", default="qwen2.5-1.5b", choices=[k for k in CONFIGS if k != "quick"])
+    ap.add_argument("--model_config", default="qwen2.5-1.5b", choices=list(CONFIGS))
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--prompt_len", type=int, default=256, help="longest prompt; lengths uniform in [half, this]")
@@ -210,7 +211,7 @@ def main():
         if engine == "slots" and not stats["graphs"]:  # eager: every decode forward went through the hook
             assert forwards == decodes[0] and stats["row_steps"] == rows[0], (stats, decodes, rows)
         useful = int(lengths.sum())
-        ideal = max(-(-useful // S), int(lengths.max()))
+        ideal = max(-(-int((lengths - 1).sum()) // S), int(lengths.max()) - 1)
         line = dict(engine=engine, decode_forwards=forwards, ideal_forwards=ideal,
                     schedule_efficiency=round(ideal / forwards, 3),
                     fifo_forwards=fifo_forwards(lengths.tolist(), S), tokens_per_s=round(useful / seconds, 1),
