@@ -31,12 +31,14 @@ def attention_check(device):
     q, k, v = (torch.randn(S, h, 1, D, generator=g, device=device).to(torch.bfloat16) for h in (Hq, Hkv, Hkv))
     layer, scale = SimpleNamespace(layer_idx=0), D ** -0.5
     flash_cache, ref_cache = cache.clone(), cache.float()
-    out = slot_attention(layer, q, k, v, None, scale, slot_cache=flash_cache, slot_pos=pos, slot_used=(pos + 1).int())[0]
+    out = slot_attention(layer, q, k, v, None, scale, slot_cache=flash_cache, slot_pos=pos,
+                         slot_used=(pos + 1).int())[0]
     mask = (torch.arange(L, device=device) <= pos[:, None])[:, None, None]  # (S, 1, 1, L)
     ref = slot_attention(layer, q.float(), k.float(), v.float(), None, scale, slot_cache=ref_cache, slot_pos=pos,
                          slot_mask=mask)[0]
     return dict(check="decode_attention", kernel="flash_attn" if rollout._flash_attn_with_kvcache() else "torch_flash",
-                max_abs_err=round((out.float() - ref).abs().max().item(), 5), ref_max_abs=round(ref.abs().max().item(), 3),
+                max_abs_err=round((out.float() - ref).abs().max().item(), 5),
+                ref_max_abs=round(ref.abs().max().item(), 3),
                 cache_written=torch.equal(flash_cache.float(), ref_cache.to(torch.bfloat16).float()))
 
 

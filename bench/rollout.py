@@ -190,7 +190,8 @@ def main():
     for engine in args.engines.split(","):
         kw = dict(temperature=1.0, top_p=1.0, stop_ids=[STOP], pad_id=0, engine=engine)
         kw |= dict(slots=S) if engine == "slots" else dict(max_prompts=S // G)
-        generate(model, prompts[:2], n=2, max_new_tokens=4, **{**kw, "slots": 4} if engine == "slots" else kw)  # warm-up
+        warm = dict(kw, slots=4) if engine == "slots" else kw
+        generate(model, prompts[:2], n=2, max_new_tokens=4, **warm)  # warm-up: kernels, allocator
         torch.manual_seed(0)
         decodes[0] = rows[0] = 0
         calls = [0]
@@ -224,7 +225,8 @@ def main():
         if engine == "slots":
             line["graphs"] = stats["graphs"]
         if cuda:
-            line["hbm_roofline_pct"] = round(100 * roofline_seconds(model, prompts, lengths, G, ideal, hbm) / seconds, 1)
+            ideal_s = roofline_seconds(model, prompts, lengths, G, ideal, hbm)
+            line["hbm_roofline_pct"] = round(100 * ideal_s / seconds, 1)
             line["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         print(json.dumps(line), flush=True)
 

@@ -2,6 +2,8 @@
 and the same sampling distribution, checked against exact next-token probabilities of a tiny model. "slots" runs on
 2 prompts' worth of slots, so that its slots are refilled; its schedule, its decode step (no host sync, no copy of the
 cache, the same ops at any context) and the step's compiled trace are checked at the end."""
+import inspect
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
@@ -190,8 +192,8 @@ def forced_prompts(model, count, cap, seed=0):
     """Random prompts of 3..9 tokens ending with force_lengths' START token (the last vocabulary id)."""
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
-    return [torch.randint(cap + 3, V - 1, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() + [V - 1]
-            for _ in range(count)]
+    lens = torch.randint(2, 9, (count,), generator=g)
+    return [torch.randint(cap + 3, V - 1, (int(n),), generator=g).tolist() + [V - 1] for n in lens]
 
 
 def slots_bound(lengths, S, G, k):
@@ -232,7 +234,7 @@ def test_slots_schedule_keeps_slots_busy(tokenizer, monkeypatch, every):
 
 
 class OpLog(TorchDispatchMode):
-    """Every aten op run under it -> (op, size of the largest tensor it allocated: outputs sharing no input's memory)."""
+    """Every aten op run under it -> (op, size of its largest new tensor: outputs sharing no input's memory)."""
 
     def __init__(self):
         super().__init__()
@@ -284,10 +286,11 @@ def test_decode_step_has_no_host_sync_and_no_cache_copy(tokenizer):
           f"{max(s for _, s in steps[1024])} elements at 1024 (logits: {S * model.config.vocab_size})")
     with torch.no_grad():  # control: HF's own decode step over a DynamicCache holding ctx tokens
         ids = torch.randint(3, 300, (S, 1025))
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :1024], cache=cache, use_cache=True)
+        cache = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values":
+                 DynamicCache(config=model.config)}  # (transformers 5.24 renamed past_key_values)
+        model(input_ids=ids[:, :1024], use_cache=True, **cache)
         with OpLog() as log:
-            model(input_ids=ids[:, 1024:], cache=cache, use_cache=True)
+            model(input_ids=ids[:, 1024:], use_cache=True, **cache)
     copies = [op for op, size in log.ops if size >= big(1024)]
     assert copies.count("cat") >= 2 * L, copies
     print(f"HF DynamicCache decode step at 1024: {len(log.ops)} aten ops, {len(copies)} cache-sized copies {copies}, "
