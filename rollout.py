@@ -4,16 +4,24 @@
     ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0,
                   engine="drop")
 
-Three engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
+Four engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
 outputs (in fp32; bf16 kernels that depend on the batch shape can flip near-ties) and return the same `Rollout`
-(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "drop", the fastest measured, is the default.
-- "pad":  HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows. Every row is decoded until
-          the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
-- "drop": our own decode loop over a transformers DynamicCache: each prompt is prefilled ONCE and its cache copied to
-          its n rows, and a row leaves the batch (its cache rows are dropped) as soon as it emits a stop token.
-- "cb":   HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
-          top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
-          where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
+(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "drop" is the default.
+- "pad":   HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows. Every row is decoded until
+           the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
+- "drop":  our own decode loop over a transformers DynamicCache: each prompt is prefilled ONCE and its cache copied to
+           its n rows, and a row leaves the batch (its cache rows are dropped) as soon as it emits a stop token.
+- "cb":    HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
+           top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
+           where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
+- "slots": all prompts in one call on S KV-cache slots (`slots=`, or as many as fit in the free GPU memory): a prompt
+           is prefilled ONCE into G = n free slots, a row frees its slot when it ends and the next prompt takes the
+           freed slots, so no row waits for another. The cache is static, (layers, 2, S, longest prompt +
+           max_new_tokens, KV heads, head dim), written in place by our attention function ("slots", registered with
+           transformers' AttentionInterface and selected with the model's own setter for the call), which reads only
+           each slot's own length on CUDA (flash-attn's flash_attn_with_kvcache, else torch's varlen flash kernel with
+           seqused_k) and masked SDPA on CPU/fp32. The decode step has fixed shapes and no host sync (stop flags are
+           read every SYNC_EVERY steps), so on CUDA it is captured once per batch size and replayed as a CUDA graph.
 
 Row order is prompt-major: rows g*n .. g*n+n-1 are the n samples of prompt g. A response is every generated token up to
 and including the first stop token (the stop token is trained); everything after it is padding and masked out.
@@ -24,13 +32,14 @@ a neutral one for the call, so nothing else reshapes the distribution. temperatu
 taken from the decode pass: what the training forward computes (train.py: token_logprobs).
 """
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria
+from transformers import AttentionInterface, DynamicCache, GenerationConfig, StoppingCriteria
 from transformers.generation import ContinuousBatchingConfig  # where the 5.8-5.24 docs import it
 
 
@@ -93,14 +102,18 @@ def left_pad(prompt_ids, pad_id):
 
 
 def sample(logits, temperature, top_p):
-    """logits (b, V) -> tokens (b,) drawn from softmax(logits / T) cut to the top_p nucleus; argmax when T == 0."""
+    """logits (b, V) -> tokens (b,) drawn from softmax(logits / T) cut to the top_p nucleus; argmax when T == 0.
+    The draw is the exponential race argmax(probs / E), E_i = -log U_i ~ Exp(1): E_i / p_i ~ Exp(p_i), and the
+    smallest of independent exponential clocks is clock i with probability p_i / sum(p). Unlike torch.multinomial
+    (which checks its input with a host sync) it is a few elementwise ops: capturable in a CUDA graph. U in [0, 1):
+    E > 0, so a zero-probability token scores 0 and never wins (U = 0, E = inf, scores a token 0: a 2^-24 event)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits / temperature).softmax(-1)  # (b, V)
     if top_p < 1:  # drop a token when the tokens more probable than it already hold top_p of the mass
         p, order = probs.sort(-1, descending=True)  # (b, V)
         probs = probs.scatter(-1, order, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
-    return torch.multinomial(probs, 1).squeeze(1)  # (b,)
+    return (probs / torch.rand_like(probs).log_().neg_()).argmax(-1)  # (b,)
 
 
 @contextlib.contextmanager
@@ -224,20 +237,279 @@ def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids
     return tokens, logprobs
 
 
+# -----------------------------------------------------------------------------
+# Engine "slots": a static KV cache of S slots kept busy, and a decode step without host syncs (a CUDA graph on GPU).
+
+SYNC_EVERY = dict(cuda=8, cpu=1)  # decode steps between two reads of the stop flags (one host sync each); by device
+CUDA_GRAPHS = True                # capture the decode step as CUDA graphs where it can be (False: eager, to compare)
+
+
+@functools.cache
+def _flash_attn_with_kvcache():
+    """flash_attn.flash_attn_with_kvcache where flash-attn imports, else None (then torch's own flash kernel)."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+        return flash_attn_with_kvcache
+    except (ImportError, OSError):
+        return None
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling, slot_cache=None, slot_fill=None,
+                   slot_pos=None, slot_mask=None, slot_used=None, **kwargs):
+    """Attention over the static slot cache; registered below as transformers' AttentionInterface "slots" (HF calls
+    it from every attention layer with the rotated query (b, Hq, q, D), key and value (b, Hkv, q, D) and the extra
+    forward kwargs; HF builds no mask for it). Returns (b, q, Hq, D). slot_cache (layers, 2, S, L, Hkv, D).
+    Prefill (slot_fill (G,): the slots of one prompt's G samples; b = 1): its keys are written to the G slots and it
+    attends causally to itself. Decode (slot_pos (b,): where slot i's new key goes): the new keys are written in place,
+    then each slot attends to its own positions 0..slot_pos through either slot_mask (b, 1, 1, keys) (masked SDPA over
+    the first `keys` positions: CPU, fp32) or slot_used (b,) int32 = slot_pos + 1 (flash kernels that read only each
+    slot's own length: flash_attn_with_kvcache where flash-attn imports, else torch's varlen flash with seqused_k)."""
+    k_cache, v_cache = slot_cache[module.layer_idx, 0], slot_cache[module.layer_idx, 1]  # (S, L, Hkv, D) each
+    query, key, value = (x.to(k_cache.dtype) for x in (query, key, value))  # autocast's fp32 rotary -> cache dtype
+    if slot_fill is not None:
+        k_cache[slot_fill, :key.shape[2]] = key[0].transpose(0, 1)  # (G, P, Hkv, D) <- (P, Hkv, D)
+        v_cache[slot_fill, :key.shape[2]] = value[0].transpose(0, 1)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None  # (1, P, Hq, D)
+    b, Hq, _, D = query.shape
+    Hkv, L = key.shape[1], k_cache.shape[1]
+    slots = torch.arange(b, device=query.device)  # (b,)
+    k_cache[slots, slot_pos] = key[:, :, 0]  # (b, Hkv, D) written in place: no copy of the cache
+    v_cache[slots, slot_pos] = value[:, :, 0]
+    if slot_mask is not None:  # the query heads of one KV head become its g = Hq / Hkv "positions": no repeat_kv copy
+        keys = slot_mask.shape[-1]
+        out = F.scaled_dot_product_attention(query.reshape(b, Hkv, Hq // Hkv, D), k_cache[:, :keys].transpose(1, 2),
+                                             v_cache[:, :keys].transpose(1, 2), attn_mask=slot_mask, scale=scaling)
+        return out.reshape(b, 1, Hq, D), None  # (b, Hkv, g, D) -> (b, 1, Hq, D)
+    flash = _flash_attn_with_kvcache()
+    if flash is not None:
+        return flash(query.transpose(1, 2), k_cache, v_cache, cache_seqlens=slot_used, softmax_scale=scaling), None
+    cu = torch.arange(b + 1, device=query.device, dtype=torch.int32)  # (b + 1,) one query per slot; slot i's keys
+    out = torch.ops.aten._flash_attention_forward(  # start at i * L in the flattened cache, slot_used[i] of them read
+        query.reshape(b, Hq, D), k_cache.view(b * L, Hkv, D), v_cache.view(b * L, Hkv, D), cu, cu * L, 1, L, 0.0,
+        False, False, scale=scaling, seqused_k=slot_used)[0]  # (b, Hq, D)
+    return out.view(b, 1, Hq, D), None
+
+
+AttentionInterface.register("slots", slot_attention)
+
+
+@contextlib.contextmanager
+def slots_attention(model):
+    """model's attention implementation set to "slots" (through its own setter) for the block, then restored."""
+    saved = model.config._attn_implementation
+    model.set_attn_implementation("slots")
+    if model.config._attn_implementation != "slots":  # HF only warns for models that cannot switch
+        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation; use engine='drop'")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)
+
+
+@dataclass
+class SlotState:
+    """Per-slot decode state on the device, changed in place (CUDA graphs replay on fixed addresses). A free slot, or
+    one whose row has ended, has row = B (the scratch row of the output buffers) and pos = col = 0."""
+    tok: torch.Tensor  # (S,) long: the last sampled token, fed at the next step
+    pos: torch.Tensor  # (S,) long: its position = tokens already in the slot's cache
+    row: torch.Tensor  # (S,) long: the Rollout row the slot decodes (B: none)
+    col: torch.Tensor  # (S,) long: the response index of the next sampled token
+
+    @classmethod
+    def empty(cls, S, B, device):
+        st = cls(*(torch.zeros(S, dtype=torch.long, device=device) for _ in range(4)))
+        st.row.fill_(B)
+        return st
+
+
+def kv_shape(model, S, cap, tp=1):
+    """(layers, 2, S, cap, kv heads, head dim): the slot cache of a model (kv heads / tp per rank of a tp group)."""
+    c = model.config
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, 2, S, cap, c.num_key_value_heads // tp, D
+
+
+def kv_slots(model, rows, prompt_len, cap, dtype, device, tp=1):
+    """How many slots of `cap` tokens to allocate -> (S, line to print). CPU: one per row. CUDA: 90% of the free
+    memory (the allocator's cached blocks count as free) less a prefill's activations (bench/memory.py's estimate),
+    over a slot's KV bytes plus its share of the step's temporaries (~48 bytes per vocabulary entry: bf16 and fp32
+    logits, softmax, sort values and indices, cumsum, the race's noise, log-softmax)."""
+    if device.type != "cuda":
+        return rows, f"rollout: {rows} slots (one per row, CPU)"
+    c = model.config
+    L, _, _, _, Hkv, D = kv_shape(model, 1, cap, tp)
+    per_slot = cap * 2 * L * Hkv * D * dtype.itemsize + 48 * c.vocab_size
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    prefill = prompt_len * (8 * c.hidden_size + 3 * c.intermediate_size) * 2
+    S = max(0, min(rows, int((0.9 * free - prefill) // per_slot)))
+    return S, (f"rollout: {S} slots for {rows} rows ({per_slot / 2**20:.0f} MiB per slot: KV of {cap} tokens + "
+               f"logits; {free / 2**30:.1f} GiB free)")
+
+
+def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature, top_p, is_stop, tp_group=None):
+    """One token for each of slots [0, b): feeds its last token at its position, samples the next and writes it (and
+    its log-prob) to (row, col) of the output buffers (B + 1, max_new_tokens); a row that samples a stop token or
+    fills its last column ends: its slot gets row = B and pos = 0 (the scratch row takes what it decodes until the
+    host frees it). Fixed shapes, state changed in place, no host sync: capturable as a CUDA graph. keys: the key
+    positions read by the masked-SDPA path (a multiple of 64 >= every live slot's pos + 1), None on the flash paths.
+    With tp_group, the group's first rank's tokens are broadcast so its ranks decode the same rows."""
+    tok, pos, row, col = st.tok[:b], st.pos[:b], st.row[:b], st.col[:b]  # (b,) views
+    attend = dict(slot_used=(pos + 1).int()) if keys is None else \
+        dict(slot_mask=(torch.arange(keys, device=pos.device) <= pos[:, None])[:, None, None])  # (b, 1, 1, keys)
+    logits = model(input_ids=tok[:, None], position_ids=pos[:, None], use_cache=False, slot_cache=cache[:, :, :b],
+                   slot_pos=pos, **attend).logits[:, -1].float()  # (b, V)
+    nxt = sample(logits, temperature, top_p)  # (b,)
+    if tp_group is not None:
+        torch.distributed.broadcast(nxt, torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
+    out_tokens[row, col] = nxt
+    if out_logprobs is not None:
+        out_logprobs[row, col] = (logits / (temperature or 1.0)).log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+    ended = is_stop[nxt] | (col == out_tokens.shape[1] - 1) | (row == out_tokens.shape[0] - 1)  # (b,) incl. free
+    row.masked_fill_(ended, out_tokens.shape[0] - 1)
+    pos.copy_((pos + 1).masked_fill_(ended, 0))
+    col.copy_((col + 1).masked_fill_(ended, 0))
+    tok.copy_(nxt)
+
+
+def _admit(model, cache, st, out_tokens, out_logprobs, prompt, slots, rows, temperature, top_p, is_stop, tp_group):
+    """Prefill one prompt ONCE into its G slots (its keys copied to each) and sample each sample's first token."""
+    device = cache.device
+    idx, rows = torch.tensor(slots, device=device), torch.tensor(rows, device=device)  # (G,)
+    logits = model(input_ids=torch.tensor([prompt], device=device), position_ids=torch.arange(len(prompt),
+                   device=device)[None], use_cache=False, slot_cache=cache, slot_fill=idx,
+                   logits_to_keep=1).logits[:, -1].float().expand(len(slots), -1)  # (G, V)
+    nxt = sample(logits, temperature, top_p)  # (G,)
+    if tp_group is not None:
+        torch.distributed.broadcast(nxt, torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
+    out_tokens[rows, 0] = nxt
+    if out_logprobs is not None:
+        out_logprobs[rows, 0] = (logits / (temperature or 1.0)).log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+    ended = is_stop[nxt] | (out_tokens.shape[1] == 1)  # (G,)
+    st.tok[idx] = nxt
+    st.pos[idx] = torch.where(ended, 0, len(prompt))
+    st.row[idx] = torch.where(ended, out_tokens.shape[0] - 1, rows)
+    st.col[idx] = torch.where(ended, 0, 1)
+
+
+def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
+                    slots=0, tp_group=None, stats=None):
+    """All prompts in one call on S KV-cache slots -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
+    Every SYNC_EVERY steps the host reads which slots' rows have ended (one sync), frees them, moves the busy slots
+    above the gaps down into them (so slots [0, busy) are the busy ones; the moves copy those rows' live KV, outside
+    the step), and while G = n slots are free prefills the next prompt once into G of them. Each step decodes slots
+    [0, b), b = busy (where CUDA graphs are captured, rounded up to a multiple of G or more: at most ~16 graphs, one
+    per b). So no slot waits for another row, and the decode forwards are at most
+        floor((sum(lengths - 1) + B * k) / (S - G + 1)) + max(lengths) + k - 1    (k = SYNC_EVERY)
+    (until the last admission, fewer than G slots are free at each check and a row holds its slot at most k steps
+    after it ended; after it, the last admitted rows end within max(lengths) - 1 steps, seen within k).
+    stats (a dict), if given, gets slots, decode_forwards, row_steps (slot-rows decoded: b summed over steps),
+    graphs, attention."""
+    device = next(model.parameters()).device
+    G, B, M = n, len(prompts) * n, max_new_tokens
+    cap = max(map(len, prompts)) + M  # tokens a slot holds: the longest prompt and a full response
+    tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+        else next(model.parameters()).dtype  # K/V as the attention computes them (autocast: bf16)
+    S, line = (min(slots, B), f"rollout: {min(slots, B)} slots (given)") if slots else \
+        kv_slots(model, B, max(map(len, prompts)), cap, dtype, device, tp)
+    if tp_group is not None:  # ranks of a group run one schedule: the smallest budget of them
+        agreed = torch.tensor([S], device=device)
+        torch.distributed.all_reduce(agreed, torch.distributed.ReduceOp.MIN, group=tp_group)
+        S = int(agreed)
+    if not bar.disable:
+        print(line, flush=True)
+    if S < G:
+        raise ValueError(f"engine='slots': the KV budget holds {S} slots of {cap} tokens, fewer than the n={G} samples "
+                         "of one prompt")
+    if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or []):
+        raise ValueError("engine='slots' implements full causal attention only (no sliding-window layers)")
+    flash = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    from torch.distributed.fsdp import FSDPModule
+    graphs = {} if flash and CUDA_GRAPHS and tp_group is None and \
+        not any(isinstance(m, FSDPModule) for m in model.modules()) else None  # FSDP hooks, TP collectives: eager
+    every = SYNC_EVERY.get(device.type, 1)
+    grain = G * max(1, S // (16 * G))  # graphs: b rounded up to this, so at most ~16 graphs
+
+    cache = torch.zeros(kv_shape(model, S, cap, tp), dtype=dtype, device=device)  # (layers, 2, S, cap, Hkv, D)
+    st = SlotState.empty(S, B, device)
+    out_tokens = torch.full((B + 1, M), pad_id, dtype=torch.long, device=device)  # (B + 1, M): row B is scratch
+    out_logprobs = torch.zeros((B + 1, M), device=device) if return_logprobs else None
+    is_stop = torch.zeros(max([model.config.vocab_size - 1, *stop_ids]) + 1, dtype=torch.bool, device=device)
+    is_stop[stop_ids] = True
+    args = (temperature, top_p, is_stop, tp_group)
+    held = [None] * S  # host: (prompt length, step admitted) of each busy slot; busy slots are [0, busy)
+    busy, waiting, t, row_steps = 0, 0, 0, 0
+    pool = torch.cuda.graph_pool_handle() if graphs is not None else None
+    with slots_attention(model):
+        while True:
+            if t % every == 0:
+                ended = (st.row[:busy] == B).tolist()  # the host sync
+                keep = [s for s in range(busy) if not ended[s]]
+                busy = len(keep)
+                gaps, movers = [s for s in range(busy) if ended[s]], [s for s in keep if s >= busy]
+                if movers:  # busy slots above the new top -> the gaps below it, with their live KV
+                    live = max(held[s][0] + t - held[s][1] for s in movers)
+                    dst, src = torch.tensor(gaps, device=device), torch.tensor(movers, device=device)
+                    cache[:, :, dst, :live] = cache[:, :, src, :live]
+                    for x in (st.tok, st.pos, st.row, st.col):
+                        x[dst] = x[src]
+                    st.row[src], st.pos[src], st.col[src] = B, 0, 0
+                    for d, s in zip(gaps, movers):
+                        held[d] = held[s]
+                while waiting < len(prompts) and S - busy >= G:
+                    _admit(model, cache, st, out_tokens, out_logprobs, prompts[waiting], range(busy, busy + G),
+                           range(waiting * G, waiting * G + G), *args)
+                    held[busy:busy + G] = [(len(prompts[waiting]), t)] * G
+                    busy, waiting = busy + G, waiting + 1
+                if busy == 0:
+                    break
+            b = busy if graphs is None else min(S, -(-busy // grain) * grain)
+            keys = None if flash else min(cap, -(-max(p + t - a + 1 for p, a in held[:busy]) // 64) * 64)
+            step = functools.partial(decode_step, model, cache, st, out_tokens, out_logprobs, b, keys, *args)
+            if graphs is None:
+                step()
+            elif b in graphs:
+                graphs[b].replay()
+            else:  # this shape's first step runs eagerly on a side stream (warm-up), then is captured (not run)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+                graphs[b] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[b], pool=pool):
+                    step()
+            t, row_steps = t + 1, row_steps + b
+            bar.update(1)
+    if stats is not None:
+        stats.update(slots=S, decode_forwards=t, row_steps=row_steps, graphs=None if graphs is None else len(graphs),
+                     attention="sdpa" if not flash else "flash_attn" if _flash_attn_with_kvcache() else "torch_flash")
+    tokens = out_tokens[:B]  # (B, M)
+    R = int(response_mask(tokens, stop_ids)[1].max())  # the longest response
+    return tokens[:, :R].cpu(), None if out_logprobs is None else out_logprobs[:B, :R].cpu()
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False, engine="drop", max_prompts=0, tp_group=None, cb_memory=0.0):
+             progress=False, engine="drop", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
-    engine: "drop" (default: the fastest measured, BENCHMARKS.md) | "pad" | "cb" (see the file docstring).
-    max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it).
+    engine: "drop" (default) | "pad" | "cb" | "slots" (see the file docstring; BENCHMARKS.md times them).
+    max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it); not
+    with "slots", which takes every prompt in one call and bounds its cache with `slots`.
     tp_group: the process group of a tensor-parallel model (distributed.tensor_parallel_copy). Its ranks decode the prompts
-    of all of them together, as one batch, and each gets the rows of its own prompts. Engine "drop" only.
+    of all of them together, as one batch, and each gets the rows of its own prompts. Engines "drop" and "slots".
     cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes (0: HF's default, 0.9,
-    or 0.8 when temperature/top_p processors run)."""
-    if engine not in ("pad", "drop", "cb"):
-        raise ValueError(f"engine={engine!r}: expected 'pad', 'drop' or 'cb'")
-    if tp_group is not None and engine != "drop":
-        raise ValueError("a tensor-parallel model (tp_group) generates with engine='drop' only")
+    or 0.8 when temperature/top_p processors run).
+    slots: engine "slots": KV-cache slots (rows decoded at once); 0 sizes them from the free GPU memory (CPU: one
+    per row). stats: engine "slots": a dict it fills with slots, decode_forwards, row_steps, graphs, attention."""
+    if engine not in ("pad", "drop", "cb", "slots"):
+        raise ValueError(f"engine={engine!r}: expected 'pad', 'drop', 'cb' or 'slots'")
+    if tp_group is not None and engine not in ("drop", "slots"):
+        raise ValueError("a tensor-parallel model (tp_group) generates with engine='drop' or 'slots' only")
+    if engine == "slots" and max_prompts:
+        raise ValueError("engine='slots' decodes all prompts in one call: bound its KV cache with slots=, "
+                         "not max_prompts=")
     if min(n, max_new_tokens) < 1:
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     own = slice(0, len(prompt_ids) * n)  # the caller's rows
@@ -249,7 +521,7 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
         prompt_ids = sum(pooled, [])
     chunk = max_prompts or len(prompt_ids)
     chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
-    bar = _Progress(max_new_tokens * len(chunks), progress)
+    bar = _Progress(None if engine == "slots" else max_new_tokens * len(chunks), progress)  # slots: decode steps
     outs = []  # (tokens (b, R_c), logprobs (b, R_c) or None) per chunk
     try:
         for c in chunks:
@@ -258,6 +530,8 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
                 outs.append(_generate_drop(*args, bar.bar, tp_group))
             elif engine == "pad":
                 outs.append(_generate_pad(*args, bar))
+            elif engine == "slots":
+                outs.append(_generate_slots(*args, bar.bar, slots, tp_group, stats))
             else:
                 outs.append(_generate_cb(*args, bar.bar, cb_memory))
     finally:

@@ -1,5 +1,6 @@
 """torchrun --standalone --nproc_per_node 2 tests/fsdp_gen.py OUT.json: count FSDP all-gathers during a zero3
-rollout with and without distributed.gathered, and check its samples equal an unsharded model's. Used by test_shard.py."""
+rollout with and without distributed.gathered, and check its samples equal an unsharded model's (engine "slots" too, greedy).
+Used by test_shard.py."""
 import json
 import os
 import sys
@@ -51,6 +52,13 @@ for use in (True, False):
         policy.reshard()
     counts["gathered" if use else "per_token"] = calls[0]
     assert torch.equal(ro.response_ids, plain.response_ids)
+# engine "slots" on the gathered zero3 model (FSDP's hooks around every layer; 2 slots for 4 rows): greedy == plain
+greedy = dict(args, temperature=0.0)
+calls[0] = 0
+with gathered(policy, cfg):
+    slots = generate(policy.lm, prompts, engine="slots", slots=2, **greedy)
+counts["slots_gathered"] = calls[0]
+assert torch.equal(slots.response_ids, generate(plain_model, prompts, **greedy).response_ids)
 if dist.get_rank() == 0:
     json.dump(dict(counts, layers=len(policy.lm.get_decoder().layers), new_tokens=16), open(sys.argv[1], "w"))
 dist.destroy_process_group()

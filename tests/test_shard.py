@@ -100,14 +100,16 @@ def test_zero3_generation_gathers_once_per_rollout_not_per_token(tmp_path):
     c = __import__("json").load(open(out))
     assert c["gathered"] == c["layers"] + 1  # each FSDP unit (layers + root) once for the whole rollout
     assert c["per_token"] >= c["new_tokens"] * c["layers"]  # what plain generate under zero3 would do
+    assert c["slots_gathered"] == c["layers"] + 1  # engine "slots" under gathered(): no all-gather per step either
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", ["ddp", "zero3"])
 def test_tensor_parallel_rollout_copy_matches_policy(tmp_path, shard):
-    """--gen_tp: the rollout's tensor-parallel copy decodes like the unsharded policy (greedy tokens, log-probs of
-    sampled tokens == a full forward's, so its ranks agreed on every token), each rank gets its own prompts' rows
-    from the pooled batch, the copy follows the policy's updates, and eval.evaluate on it matches the plain model."""
+    """--gen_tp: the rollout's tensor-parallel copy decodes like the unsharded policy with engines "drop" and "slots"
+    (greedy tokens, log-probs of sampled tokens == a full forward's, so its ranks agreed on every token), each rank
+    gets its own prompts' rows from the pooled batch, the copy follows the policy's updates, and eval.evaluate on it
+    matches the plain model."""
     out = tmp_path / "tp.json"
     here = os.path.dirname(os.path.abspath(__file__))
     r = run([os.path.join(here, "tp_gen.py"), shard, str(out)],
@@ -120,6 +122,8 @@ def test_tensor_parallel_rollout_copy_matches_policy(tmp_path, shard):
         for phase in ("initial", "after_update"):
             assert c[f"{phase}_own_rows"] and c[f"{phase}_greedy_equal"]
             assert c[f"{phase}_logprob_err"] < 1e-4
+            assert c[f"{phase}_slots_own_rows"] and c[f"{phase}_slots_greedy_equal"]  # engine "slots", 6 slots
+            assert c[f"{phase}_slots_logprob_err"] < 1e-4
 
 
 @pytest.mark.slow

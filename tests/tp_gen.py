@@ -47,6 +47,13 @@ for phase in ("initial", "after_update"):
     torch.manual_seed(rank)  # different seeds: the group still samples once, on its first rank
     ro = generate(gen, mine, temperature=1.0, tp_group=group, **args)
     checks[f"{phase}_logprob_err"] = (ro.logprobs - forward_logprobs(plain, ro)).abs().max().item()
+    # engine "slots" on the same copy: 6 slots for the group's 9 rows (each rank its heads' KV), so slots refill
+    got = generate(gen, mine, temperature=0, tp_group=group, engine="slots", slots=6, **args)
+    checks[f"{phase}_slots_own_rows"] = got.prompt_ids == want.prompt_ids
+    checks[f"{phase}_slots_greedy_equal"] = torch.equal(want.response_ids, got.response_ids)
+    torch.manual_seed(rank)
+    ro = generate(gen, mine, temperature=1.0, tp_group=group, engine="slots", slots=6, **args)
+    checks[f"{phase}_slots_logprob_err"] = (ro.logprobs - forward_logprobs(plain, ro)).abs().max().item()
     # one AdamW step on the policy (the same batch on both ranks), the same on `plain`: the copy must follow
     for model in (policy, Policy(plain)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
