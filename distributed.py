@@ -4,7 +4,7 @@ rollout copy, and checkpoints (save, resume, and the checks that keep a multi-no
     device = init(cfg, rank, world, local_rank, resume_step)     # torchrun's env -> process group, checks --out
     policy = shard_model(Policy(lm), cfg, cuda, local_rank, world)  # ddp: DDP; zero2/zero3: fully_shard per layer
     init_shards(policy, full_state_on_rank0, device)             # fill meta-device shards from rank 0's weights
-    with rollout_weights(policy, rollout_lm, tp_group, cfg): ... # gathered once per rollout (or copied to tp)
+    copy_weights(policy, rollout_lm, tp_group)                   # before each rollout: the copy that generates
     save_checkpoint(out, step, ...); load_training_state(ckpt, state, policy, optimizer, cfg)
 
 Every function here is called on every rank (they hold collectives) unless its docstring says otherwise.
@@ -54,7 +54,7 @@ def all_sum(values, device):
     return t.tolist()
 
 # -----------------------------------------------------------------------------
-# Sharding (FSDP2), and the weights that generation reads.
+# Sharding (FSDP2), and the copy of the weights that generates.
 
 
 def shard_model(policy, cfg, cuda, local_rank, world, train=True):
@@ -75,7 +75,7 @@ def shard_model(policy, cfg, cuda, local_rank, world, train=True):
 
 
 def init_shards(model, full_state, device):
-    """Allocates the shards of a model split on the meta device (shard_model, tensor_parallel_copy), restores its
+    """Allocates the shards of a model split on the meta device (shard_model, inference_copy), restores its
     buffers (to_empty leaves them uninitialised) and, unless full_state is None, fills the shards from the full state
     dict that rank 0 holds (the other ranks pass {}): rank 0 broadcasts it tensor by tensor and each rank keeps its
     slice, cast to its shards' dtype. So the full model exists once per job, in rank 0's host memory, not once per
@@ -105,35 +105,41 @@ def tp_plan(config, tp):
     return plan
 
 
-def tensor_parallel_copy(config, tp, device, dtype):
-    """For models whose full copy does not fit next to its KV cache on one GPU (32B: 61 GiB in bf16): an inference
-    copy split over groups of `tp` consecutive ranks (one node) by tp_plan; embeddings, norms and lm_head are
-    replicated. copy_weights fills it before each rollout. -> (model, the rank's tp process group)."""
+def inference_copy(config, device, dtype, tp=1):
+    """The model that generates: a plain copy of the policy in `dtype` (bf16 on GPU), so the rollout never reads fp32
+    master weights under autocast or FSDP's per-layer hooks, and its decode step can be a CUDA graph. With tp > 1 it
+    is split over groups of `tp` consecutive ranks (one node) by tp_plan (embeddings, norms and lm_head replicated):
+    for models whose full copy does not fit next to its KV cache on one GPU (32B: 61 GiB in bf16). It stays allocated
+    for the run; copy_weights fills it before each rollout. -> (model, the rank's tp process group or None)."""
     from accelerate import init_empty_weights
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from transformers import AutoModelForCausalLM
-    mesh = init_device_mesh(device.type, (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=config._attn_implementation)
     model.tie_weights()
-    style = dict(colwise=ColwiseParallel, rowwise=RowwiseParallel)
-    plan = {f"{model.base_model_prefix}.{k}": style[v]() for k, v in tp_plan(config, tp).items()}
-    parallelize_module(model, mesh, plan)  # e.g. model.layers.*.self_attn.q_proj: ColwiseParallel()
+    group = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = init_device_mesh(device.type, (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
+        style = dict(colwise=ColwiseParallel, rowwise=RowwiseParallel)
+        plan = {f"{model.base_model_prefix}.{k}": style[v]() for k, v in tp_plan(config, tp).items()}
+        parallelize_module(model, mesh, plan)  # e.g. model.layers.*.self_attn.q_proj: ColwiseParallel()
+        group = mesh.get_group()
     init_shards(model, None, device)
-    return model.eval(), mesh.get_group()
+    return model.eval(), group
 
 
 @torch.no_grad()
-def copy_weights(policy, model, tp_group):
-    """policy's current weights -> the tensor-parallel copy, one FSDP unit (decoder layer, then the root) gathered
-    at a time, so no full model ever exists on a GPU; each rank keeps its slice of the split weights."""
+def copy_weights(policy, model, tp_group=None):
+    """policy's current weights -> its inference copy, one FSDP unit (decoder layer, then the root) gathered at a
+    time (each once per call, not once per decoded token as generating on the sharded policy would), so no full fp32
+    model ever exists on a GPU; with a tp_group each rank keeps its slice of the split weights."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     module = policy.module if isinstance(policy, DDP) else policy
     if isinstance(module, FSDPModule):
-        module._get_fsdp_state()._lazy_init()  # private: as in gathered()
-    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        module._get_fsdp_state()._lazy_init()  # private: make Policy the FSDP root although its forward is not run
+    tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
     for prefix, unit in module.named_modules():
         fsdp = isinstance(unit, FSDPModule)
         if unit is not module and not fsdp:
@@ -151,38 +157,6 @@ def copy_weights(policy, model, tp_group):
                 q.copy_(p)
         if fsdp:
             unit.reshard()
-
-
-@contextlib.contextmanager
-def gathered(policy, cfg):
-    """Generation under zero2/zero3: gather every layer's weights ONCE for the whole rollout (HF generate would
-    otherwise all-gather each layer again for every decoded token), then shard them again. Costs one full copy of
-    the weights (bf16 on GPU) on each rank while generating."""
-    from torch.distributed.fsdp import FSDPModule
-    if not isinstance(policy, FSDPModule):
-        yield
-        return
-    modules = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-    policy._get_fsdp_state()._lazy_init()  # private: make Policy the root although generate() bypasses its forward
-    for m in modules:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.reshard()
-            if m is not policy:
-                m.set_reshard_after_forward(cfg.shard == "zero3", recurse=False)
-
-
-def rollout_weights(policy, rollout_lm, tp_group, cfg):
-    """A context in which rollout_lm generates with the policy's current weights: the policy itself with its weights
-    gathered once (zero2/zero3; ddp: as they are), or its tensor-parallel copy, refreshed from them (--gen_tp > 1)."""
-    if tp_group is None:
-        return gathered(policy, cfg)
-    copy_weights(policy, rollout_lm, tp_group)
-    return contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
 # Checkpoints: save, resume, and the checks before any model is loaded.

@@ -68,7 +68,7 @@ class Config:
     n: int = 1                      # samples per problem: acc = avg@n; pass@k for k = 1, 2, 4, .. <= n
     limit: int = 0                  # first N problems of each benchmark; 0 = all
     seed: int = 0                   # sampling RNG: rank r uses seed + r
-    batch_size: int = 32            # prompts per generate call (n samples each)
+    batch_size: int = 512           # prompts per generate call (n samples each; engine slots keeps its KV slots busy)
     out: str = "runs/eval"          # output directory (not used by --checkpoints)
     trust_remote_code: bool = False # allow model code from the hub
 
@@ -190,13 +190,13 @@ def grade(rows):
 
 
 def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, top_p=1.0, max_new_tokens=16384,
-             n=1, limit=None, batch_size=32, rank=0, world=1, seed=0, tp_group=None):
+             n=1, limit=None, batch_size=512, rank=0, world=1, seed=0, tp_group=None):
     """n responses per problem of each benchmark, graded -> (rows, summary) on rank 0, (None, None) on the others.
     Every rank must call it (rank 0 gathers). Leaves the weights and the caller's RNG as they were, and the model in
     train mode if it was in train mode. Like vLLM, responses stop (finish "length") before max_new_tokens where
     they would overflow the model's context (max_position_embeddings; here with the batch's longest prompt).
     tp_group: `model` is tensor-parallel over groups of consecutive ranks
-    (distributed.tensor_parallel_copy); a group takes one share of the problems and decodes each batch of it together."""
+    (distributed.inference_copy); a group takes one share of the problems and decodes each batch of it together."""
     tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
     share = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank // tp::world // tp]
     prompts = [tokenizer(TEMPLATES[template].replace("{question}", p["question"]))["input_ids"] for p in share]

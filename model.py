@@ -138,16 +138,17 @@ class Models:
     lm: torch.nn.Module              # the trained HF model (fp32 master weights), inside policy
     policy: torch.nn.Module          # Policy(lm) as trained: under DDP (ddp, several ranks) or FSDP2 (zero2/zero3)
     ref: torch.nn.Module | None      # the frozen initial model as a Policy, sharded alike; None when kl_coef == 0
-    rollout_lm: torch.nn.Module      # what generates: lm, or its bf16 tensor-parallel copy (--gen_tp > 1)
-    tp_group: object                 # that copy's process group, or None
+    rollout_lm: torch.nn.Module      # what generates: a copy of lm in bf16 (GPU; CPU: fp32), split if --gen_tp > 1
+    tp_group: object                 # that copy's tensor-parallel process group, or None
     packed: bool                     # micro-batches packed (flash-attn varlen) rather than padded
 
 
 def load_models(cfg, ckpt, device, master, local_rank, world):
     """The policy (resumed from ckpt: under ddp its export, under zero2/zero3 its shards, loaded later with the
-    optimizer), the frozen reference, and the model that generates, sharded by --shard (distributed.py)."""
+    optimizer), the frozen reference, sharded by --shard (distributed.py), and the inference copy that generates
+    (distributed.copy_weights refreshes it before each rollout)."""
     cuda = device.type == "cuda"
-    infer_dtype = torch.bfloat16 if cuda else torch.float32  # inference-only models: reference, tp copy
+    infer_dtype = torch.bfloat16 if cuda else torch.float32  # inference-only models: reference, rollout copy
     if cfg.shard == "ddp":  # a full replica on every rank (resumed from the checkpoint's export)
         lm = load_lm(ckpt + "/model" if ckpt else cfg.model, cfg, device)
         ref_lm = load_lm(cfg.model, cfg, device, infer_dtype) if cfg.kl_coef > 0 else None
@@ -173,8 +174,6 @@ def load_models(cfg, ckpt, device, master, local_rank, world):
         if ref is not None:
             distributed.init_shards(ref, init, device)
         del init
-    rollout_lm, tp_group = lm, None
-    if cfg.gen_tp > 1:
-        rollout_lm, tp_group = distributed.tensor_parallel_copy(lm.config, cfg.gen_tp, device, infer_dtype)
-        rollout_lm.generation_config = lm.generation_config  # (from_config: config.json's EOS only; eval reads it)
+    rollout_lm, tp_group = distributed.inference_copy(lm.config, device, infer_dtype, cfg.gen_tp)
+    rollout_lm.generation_config = lm.generation_config  # (from_config: config.json's EOS only; eval reads it)
     return Models(lm, policy, ref, rollout_lm, tp_group, packed)

@@ -1,16 +1,13 @@
 """Rollouts: prompt token ids in, sampled responses out.
 
     from rollout import generate
-    ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0,
-                  engine="drop")
+    ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0)
 
-Four engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
+Three engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
 outputs (in fp32; bf16 kernels that depend on the batch shape can flip near-ties) and return the same `Rollout`
-(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "drop" is the default.
-- "pad":   HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows. Every row is decoded until
-           the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
-- "drop":  our own decode loop over a transformers DynamicCache: each prompt is prefilled ONCE and its cache copied to
-           its n rows, and a row leaves the batch (its cache rows are dropped) as soon as it emits a stop token.
+(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "slots" is the default.
+- "pad":   HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows: the reference. Every row is
+           decoded until the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
 - "cb":    HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
            top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
            where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
@@ -33,13 +30,13 @@ taken from the decode pass: what the training forward computes (train.py: token_
 """
 import contextlib
 import functools
-import inspect
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AttentionInterface, DynamicCache, GenerationConfig, StoppingCriteria
+from transformers import AttentionInterface, GenerationConfig, StoppingCriteria
 from transformers.generation import ContinuousBatchingConfig  # where the 5.8-5.24 docs import it
 
 
@@ -59,10 +56,10 @@ class Rollout:
 
 
 class _Progress(StoppingCriteria):
-    """Never stops anything: ticks a progress bar once per decode step."""
+    """Never stops anything: ticks a progress bar once per decode step (HF generate calls it)."""
 
-    def __init__(self, total, enabled):
-        self.bar = tqdm(total=total, desc="rollout", unit="tok", leave=False, disable=not enabled)
+    def __init__(self, total, enabled, unit):
+        self.bar = tqdm(total=total, desc="rollout", unit=unit, leave=False, disable=not enabled)
 
     def __call__(self, input_ids, scores, **kwargs):
         self.bar.update(1)
@@ -105,15 +102,17 @@ def sample(logits, temperature, top_p):
     """logits (b, V) -> tokens (b,) drawn from softmax(logits / T) cut to the top_p nucleus; argmax when T == 0.
     The draw is the exponential race argmax(probs / E), E_i = -log U_i ~ Exp(1): E_i / p_i ~ Exp(p_i), and the
     smallest of independent exponential clocks is clock i with probability p_i / sum(p). Unlike torch.multinomial
-    (which checks its input with a host sync) it is a few elementwise ops: capturable in a CUDA graph. U in [0, 1):
-    E > 0, so a zero-probability token scores 0 and never wins (U = 0, E = inf, scores a token 0: a 2^-24 event)."""
+    (which checks its input with a host sync) it is a few elementwise ops: capturable in a CUDA graph. U is float64:
+    a float32 U (steps of 2^-24) cannot give the E < 6e-8 that a token of probability ~1e-8 needs to beat a likely
+    one, which would cut the vocabulary's tail. U in [0, 1): E > 0, so a zero-probability token scores 0 and never
+    wins (U = 0 gives E = inf: the token scores 0, a 2^-53 event)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits / temperature).softmax(-1)  # (b, V)
     if top_p < 1:  # drop a token when the tokens more probable than it already hold top_p of the mass
         p, order = probs.sort(-1, descending=True)  # (b, V)
         probs = probs.scatter(-1, order, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
-    return (probs / torch.rand_like(probs).log_().neg_()).argmax(-1)  # (b,)
+    return (probs / torch.rand_like(probs, dtype=torch.float64).log_().neg_()).argmax(-1)  # (b,)
 
 
 @contextlib.contextmanager
@@ -147,48 +146,6 @@ def _generate_pad(model, prompts, n, max_new_tokens, temperature, top_p, stop_id
     return tokens.cpu(), logprobs.cpu()
 
 
-def _generate_drop(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
-                   tp_group=None):
-    """Own decode loop: prefill B0 prompts once, repeat their cache to B = B0*n rows, drop rows as they stop.
-    -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None. With tp_group, the ranks of a tensor-parallel
-    model decode the same batch together, and every rank takes the tokens its group's first rank sampled."""
-    device = next(model.parameters()).device
-    ids, attn = (x.to(device) for x in left_pad(prompts, pad_id))  # (B0, P)
-    cache = DynamicCache(config=model.config)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 renamed it
-    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B0, P) positions count real tokens only (left padding)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{name: cache}, use_cache=True,
-                   logits_to_keep=1).logits[:, -1].float()  # (B0, V)
-    cache.batch_repeat_interleave(n)  # B0 -> B rows, prompt-major
-    logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)  # (B, V), (B, P)
-    B = len(prompts) * n
-    rows = torch.arange(B, device=device)  # (b,) the Rollout row of each live row
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, max_new_tokens)
-    logprobs = torch.zeros((B, max_new_tokens), device=device) if return_logprobs else None
-    stop = torch.tensor(stop_ids, device=device)
-    for t in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_p)  # (b,)
-        if tp_group is not None:  # one draw per group, so its ranks never disagree on which rows are still live
-            torch.distributed.broadcast(nxt, torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
-        tokens[rows, t] = nxt
-        if return_logprobs:
-            z = logits / (temperature or 1.0)  # (b, V)
-            logprobs[rows, t] = z.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
-        bar.update(1)
-        live = ~torch.isin(nxt, stop)  # (b,)
-        if t == max_new_tokens - 1 or not live.any():
-            break
-        if not live.all():  # drop the rows that just stopped from the cache and the running tensors
-            keep = live.nonzero().squeeze(1)  # (b',)
-            cache.batch_select_indices(keep)
-            rows, nxt, attn = rows[keep], nxt[keep], attn[keep]
-        attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)  # (b, P + t + 1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=attn.sum(1, keepdim=True) - 1,
-                       **{name: cache}, use_cache=True).logits[:, -1].float()  # (b, V)
-    R = t + 1  # decode steps = longest response
-    return tokens[:, :R].cpu(), None if logprobs is None else logprobs[:, :R].cpu()
-
-
 def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
                  memory=0.0):
     """HF continuous batching -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
@@ -197,7 +154,7 @@ def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids
     log of that softmax, so with top_p < 1 they are renormalised over the nucleus (not what training computes)."""
     if return_logprobs and top_p < 1:
         raise ValueError("engine='cb' returns log-probs of the top_p-renormalised distribution; use top_p=1 or "
-                         "engine='drop'/'pad' with return_logprobs")
+                         "engine='slots'/'pad' with return_logprobs")
     greedy = temperature == 0
     rows = [p for p in prompts for _ in range(n)]  # prompt-major
     config = GenerationConfig(  # greedy forbids num_return_sequences > 1: repeat the prompt instead
@@ -300,7 +257,7 @@ def slots_attention(model):
     saved = model.config._attn_implementation
     model.set_attn_implementation("slots")
     if model.config._attn_implementation != "slots":  # HF only warns for models that cannot switch
-        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation; use engine='drop'")
+        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation; use engine='pad'")
     try:
         yield
     finally:
@@ -439,12 +396,15 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     is_stop[stop_ids] = True
     args = (temperature, top_p, is_stop, tp_group)
     held = [None] * S  # host: (prompt length, step admitted) of each busy slot; busy slots are [0, busy)
-    busy, waiting, t, row_steps = 0, 0, 0, 0
+    busy, waiting, t, row_steps, tokens, t0 = 0, 0, 0, 0, 0, time.perf_counter()
     pool = torch.cuda.graph_pool_handle() if graphs is not None else None
     with slots_attention(model):
         while True:
             if t % every == 0:
                 ended = (st.row[:busy] == B).tolist()  # the host sync
+                if not bar.disable:  # rows finished, tokens decoded per second
+                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
+                    bar.update(sum(ended))
                 keep = [s for s in range(busy) if not ended[s]]
                 busy = len(keep)
                 gaps, movers = [s for s in range(busy) if ended[s]], [s for s in keep if s >= busy]
@@ -480,8 +440,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
                 graphs[b] = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graphs[b], pool=pool):
                     step()
-            t, row_steps = t + 1, row_steps + b
-            bar.update(1)
+            t, row_steps, tokens = t + 1, row_steps + b, tokens + busy
     if stats is not None:
         stats.update(slots=S, decode_forwards=t, row_steps=row_steps, graphs=None if graphs is None else len(graphs),
                      attention="sdpa" if not flash else "flash_attn" if _flash_attn_with_kvcache() else "torch_flash")
@@ -492,21 +451,21 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
 
 @torch.no_grad()
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False, engine="drop", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
+             progress=False, engine="slots", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
-    engine: "drop" (default) | "pad" | "cb" | "slots" (see the file docstring; BENCHMARKS.md times them).
+    engine: "slots" (default) | "pad" | "cb" (see the file docstring; BENCHMARKS.md times them).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it); not
     with "slots", which takes every prompt in one call and bounds its cache with `slots`.
-    tp_group: the process group of a tensor-parallel model (distributed.tensor_parallel_copy). Its ranks decode the prompts
-    of all of them together, as one batch, and each gets the rows of its own prompts. Engines "drop" and "slots".
+    tp_group: the process group of a tensor-parallel model (distributed.inference_copy). Its ranks decode the prompts
+    of all of them together, as one batch, and each gets the rows of its own prompts. Engine "slots" only.
     cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes (0: HF's default, 0.9,
     or 0.8 when temperature/top_p processors run).
     slots: engine "slots": KV-cache slots (rows decoded at once); 0 sizes them from the free GPU memory (CPU: one
     per row). stats: engine "slots": a dict it fills with slots, decode_forwards, row_steps, graphs, attention."""
-    if engine not in ("pad", "drop", "cb", "slots"):
-        raise ValueError(f"engine={engine!r}: expected 'pad', 'drop', 'cb' or 'slots'")
-    if tp_group is not None and engine not in ("drop", "slots"):
-        raise ValueError("a tensor-parallel model (tp_group) generates with engine='drop' or 'slots' only")
+    if engine not in ("slots", "pad", "cb"):
+        raise ValueError(f"engine={engine!r}: expected 'slots', 'pad' or 'cb'")
+    if tp_group is not None and engine != "slots":
+        raise ValueError("a tensor-parallel model (tp_group) generates with engine='slots' only")
     if engine == "slots" and max_prompts:
         raise ValueError("engine='slots' decodes all prompts in one call: bound its KV cache with slots=, "
                          "not max_prompts=")
@@ -521,17 +480,16 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
         prompt_ids = sum(pooled, [])
     chunk = max_prompts or len(prompt_ids)
     chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
-    bar = _Progress(None if engine == "slots" else max_new_tokens * len(chunks), progress)  # slots: decode steps
+    bar = _Progress(len(prompt_ids) * n, progress, "row") if engine == "slots" else \
+        _Progress(max_new_tokens * len(chunks), progress, "step")  # slots: rows finished; pad, cb: decode steps
     outs = []  # (tokens (b, R_c), logprobs (b, R_c) or None) per chunk
     try:
         for c in chunks:
             args = (model, c, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs)
-            if engine == "drop":
-                outs.append(_generate_drop(*args, bar.bar, tp_group))
+            if engine == "slots":
+                outs.append(_generate_slots(*args, bar.bar, slots, tp_group, stats))
             elif engine == "pad":
                 outs.append(_generate_pad(*args, bar))
-            elif engine == "slots":
-                outs.append(_generate_slots(*args, bar.bar, slots, tp_group, stats))
             else:
                 outs.append(_generate_cb(*args, bar.bar, cb_memory))
     finally:

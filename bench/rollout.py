@@ -1,6 +1,6 @@
 """Rollout engine throughput and schedule: python bench/rollout.py [--quick] [--model_config=qwen2.5-1.5b|qwen2.5-7b]
 [--prompts 64] [--samples 8] [--max_new_tokens 1024] [--mean_len 100] [--slots 0] [--dtype=bf16|fp32]
-[--engines pad,drop,cb,slots]
+[--engines pad,cb,slots]
 
 Times rollout.generate with each engine on one workload, side by side in one process, under one KV budget, and prints
 one JSON line per engine: decode forwards, schedule efficiency, useful tokens/s (and on CUDA the % of the HBM
@@ -19,7 +19,7 @@ decodes on S slots; the chunked engines get max_prompts = S / samples, so each g
 
 Definitions. useful tokens = response tokens (through the stop token). decode_forwards = model forwards after the
 prefill ("slots": its own count, stats["decode_forwards"], checked against a forward hook where no CUDA graph hides
-the calls; "pad", "drop": forwards of one token per row; "cb": all its forwards, its prefills are mixed in).
+the calls; "pad": forwards of one token per row; "cb": all its forwards, its prefills are mixed in).
 ideal_forwards = max(ceil(sum(lengths - 1) / S), max(lengths) - 1): S slots decode at most S tokens per forward, the
 longest row needs max(lengths) - 1 forwards (every engine samples a row's first token from its prompt's prefill).
 schedule_efficiency = ideal_forwards / decode_forwards. fifo_forwards = the
@@ -156,7 +156,7 @@ def main():
     ap.add_argument("--mean_len", type=float, default=0, help="mean forced length (0: max_new_tokens * 800 / 8192)")
     ap.add_argument("--slots", type=int, default=0, help="KV budget in rows (0: free GPU memory; CPU: rows / 4)")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--engines", default="pad,drop,cb,slots")
+    ap.add_argument("--engines", default="pad,cb,slots")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 under --quick)")
     args = ap.parse_args()
     if args.quick:
@@ -179,7 +179,7 @@ def main():
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     decodes, rows = [0], [0]
 
-    def count(module, args, kwargs):  # forwards of one token per row (pad, drop; slots where no graph replays)
+    def count(module, args, kwargs):  # forwards of one token per row (pad; slots where no graph replays)
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] == 1:
             decodes[0] += 1

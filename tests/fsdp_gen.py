@@ -1,6 +1,6 @@
 """torchrun --standalone --nproc_per_node 2 tests/fsdp_gen.py OUT.json: count FSDP all-gathers during a zero3
-rollout with and without distributed.gathered, and check its samples equal an unsharded model's (engine "slots" too, greedy).
-Used by test_shard.py."""
+rollout on the inference copy (distributed.copy_weights, then generate on the copy) and on the sharded policy itself,
+and check its samples equal an unsharded model's (engines "pad" and "slots"). Used by test_shard.py."""
 import json
 import os
 import sys
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_model, make_tokenizer  # noqa: E402
 from rollout import generate  # noqa: E402
-from distributed import gathered, shard_model  # noqa: E402
+from distributed import copy_weights, inference_copy, shard_model  # noqa: E402
 from model import Policy  # noqa: E402
 from train import Config  # noqa: E402
 
@@ -36,27 +36,28 @@ args = dict(n=2, max_new_tokens=16, temperature=1.0, top_p=1.0, stop_ids=[len(to
 plain_model = make_model(tok).eval()
 cfg = Config(shard="zero3")
 policy = shard_model(Policy(make_model(tok)), cfg, cuda=False, local_rank=0, world=2)
+copy, _ = inference_copy(plain_model.config, torch.device("cpu"), torch.float32)
 torch.manual_seed(0)
-plain = generate(plain_model, prompts, **args)
+plain = generate(plain_model, prompts, engine="pad", **args)
 policy.eval()
 counts = {}
 for use in (True, False):
     calls[0] = 0
     torch.manual_seed(0)
-    if use:
-        with gathered(policy, cfg):
-            ro = generate(policy.lm, prompts, **args)
+    if use:  # each FSDP unit gathered once, into the copy, which then generates
+        copy_weights(policy, copy)
+        ro = generate(copy, prompts, engine="pad", **args)
     else:  # naive: only the root (embeddings, lm_head) gathered; each layer all-gathers at every forward
         policy.unshard()
-        ro = generate(policy.lm, prompts, **args)
+        ro = generate(policy.lm, prompts, engine="pad", **args)
         policy.reshard()
     counts["gathered" if use else "per_token"] = calls[0]
     assert torch.equal(ro.response_ids, plain.response_ids)
-# engine "slots" on the gathered zero3 model (FSDP's hooks around every layer; 2 slots for 4 rows): greedy == plain
+# engine "slots" on the copy (2 slots for 4 rows): greedy == plain
 greedy = dict(args, temperature=0.0)
 calls[0] = 0
-with gathered(policy, cfg):
-    slots = generate(policy.lm, prompts, engine="slots", slots=2, **greedy)
+copy_weights(policy, copy)
+slots = generate(copy, prompts, engine="slots", slots=2, **greedy)
 counts["slots_gathered"] = calls[0]
 assert torch.equal(slots.response_ids, generate(plain_model, prompts, **greedy).response_ids)
 if dist.get_rank() == 0:

@@ -1,4 +1,4 @@
-"""rollout.py engines ("pad", "drop", "cb", "slots"): identical greedy outputs, decode log-probs == training forward,
+"""rollout.py engines ("pad", "cb", "slots"): identical greedy outputs, decode log-probs == training forward,
 and the same sampling distribution, checked against exact next-token probabilities of a tiny model. "slots" runs on
 2 prompts' worth of slots, so that its slots are refilled; its schedule, its decode step (no host sync, no copy of the
 cache, the same ops at any context) and the step's compiled trace are checked at the end."""
@@ -17,7 +17,7 @@ from model import Policy
 from rollout import SlotState, decode_step, generate, kv_shape, slots_attention
 from train import Samples, sequence_logprobs
 
-ENGINES = ["pad", "drop", "cb", "slots"]
+ENGINES = ["pad", "cb", "slots"]
 TEXTS = ["What is 3 + 5?", "1 2", "Let's think step by step. 7 + 2 =", "9"]  # different lengths: left padding
 
 
@@ -57,7 +57,7 @@ def test_greedy_engines_identical(tokenizer):
 
 def test_dropping_finished_rows_keeps_greedy_outputs(tokenizer):
     """Stop on a token that greedy decoding emits at different steps for different prompts (and never for some), so
-    rows leave the "drop" and "cb" batches at different times; the outputs must still equal "pad"'s."""
+    rows leave the "slots" and "cb" batches at different times; the outputs must still equal "pad"'s."""
     model = sharp_model(tokenizer)
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     args = dict(n=2, max_new_tokens=20, temperature=0, top_p=1.0)
@@ -72,11 +72,10 @@ def test_dropping_finished_rows_keeps_greedy_outputs(tokenizer):
         assert torch.equal(ro.lengths, pad.lengths) and ro.finish_reason == pad.finish_reason, e
 
 
-@pytest.mark.parametrize("engine,top_p", [("pad", 1.0), ("drop", 1.0), ("cb", 1.0), ("drop", 0.9), ("slots", 1.0),
-                                          ("slots", 0.9)])
+@pytest.mark.parametrize("engine,top_p", [("pad", 1.0), ("cb", 1.0), ("slots", 1.0), ("slots", 0.9)])
 def test_decode_logprobs_equal_training_forward(tokenizer, engine, top_p):
     """Sampled rows that stop at different steps (1 in 64 tokens is a stop token) and run past cb's 32-token pages:
-    the decode log-probs of every row equal a fresh forward's, so the rows kept in the cache after a drop are the
+    the decode log-probs of every row equal a fresh forward's, so the rows kept in the cache as others end are the
     right ones."""
     model = make_model(tokenizer).eval()
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS[:3]]
@@ -206,7 +205,7 @@ def slots_bound(lengths, S, G, k):
 def test_slots_schedule_keeps_slots_busy(tokenizer, monkeypatch, every):
     """Lengths FORCED by a logits hook (lognormal, mean 12, 5% run to max_new_tokens = 40), 8 prompts x 3 samples on
     6 slots, stop flags read every `every` steps: the decode forwards, counted by a hook on the model, equal the
-    engine's own count and stay within the bound stated in rollout._generate_slots. The chunked "drop" (2 prompts per
+    engine's own count and stay within the bound stated in rollout._generate_slots. The chunked "pad" (2 prompts per
     call: the same 6 rows of KV) breaks the same bound (k = 1) on its own lengths: each call waits for its longest
     row."""
     monkeypatch.setitem(rollout.SYNC_EVERY, "cpu", every)
@@ -232,9 +231,9 @@ def test_slots_schedule_keeps_slots_busy(tokenizer, monkeypatch, every):
     # group, hence S - G + 1 above), but it holds here (60 <= 93 at k = 1, 52 <= 74 at k = 4)
     assert stats["decode_forwards"] <= -(-int(lengths.sum()) // S) + int(lengths.max()) + len(prompts) + every
     del decodes[1:]
-    drop = run(model, prompts, "drop", n=n, max_new_tokens=cap, temperature=1.0, top_p=1.0, stop_ids=[1],
-               max_prompts=S // n)
-    assert sum(decodes[1:]) > slots_bound(drop.lengths, S, n, 1)  # (k = 1: it reads its stop flags every step)
+    pad = run(model, prompts, "pad", n=n, max_new_tokens=cap, temperature=1.0, top_p=1.0, stop_ids=[1],
+              max_prompts=S // n)
+    assert sum(decodes[1:]) > slots_bound(pad.lengths, S, n, 1)  # (k = 1: it reads its stop flags every step)
 
 
 class OpLog(TorchDispatchMode):

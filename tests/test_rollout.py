@@ -76,10 +76,11 @@ def test_stop_token_ids(tokenizer):
 
 
 def test_chunked_generation_equals_one_call(tokenizer):
-    """max_prompts splits the rollout into generate calls (KV budget); greedy rows are the same either way."""
+    """max_prompts splits a pad/cb rollout into generate calls (KV budget); greedy rows are the same as one call of
+    the default engine ("slots")."""
     model = make_model(tokenizer).eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 3 + 5?", "1 2", "7 + 2 =", "0"]]
     args = dict(n=2, max_new_tokens=8, temperature=0, top_p=1.0, stop_ids=[0, 5], pad_id=0)
-    whole, parts = generate(model, prompts, **args), generate(model, prompts, **args, max_prompts=3)
+    whole, parts = generate(model, prompts, **args), generate(model, prompts, **args, engine="pad", max_prompts=3)
     assert torch.equal(whole.response_ids, parts.response_ids) and torch.equal(whole.lengths, parts.lengths)
     assert whole.finish_reason == parts.finish_reason and parts.prompt_ids == whole.prompt_ids

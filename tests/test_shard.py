@@ -106,7 +106,7 @@ def test_zero3_generation_gathers_once_per_rollout_not_per_token(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", ["ddp", "zero3"])
 def test_tensor_parallel_rollout_copy_matches_policy(tmp_path, shard):
-    """--gen_tp: the rollout's tensor-parallel copy decodes like the unsharded policy with engines "drop" and "slots"
+    """--gen_tp: the rollout's tensor-parallel copy decodes like the unsharded policy with engine "slots" (all rows at once, and 6 slots refilled)
     (greedy tokens, log-probs of sampled tokens == a full forward's, so its ranks agreed on every token), each rank
     gets its own prompts' rows from the pooled batch, the copy follows the policy's updates, and eval.evaluate on it
     matches the plain model."""

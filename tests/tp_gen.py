@@ -1,5 +1,5 @@
 """torchrun --standalone --nproc_per_node 2 tests/tp_gen.py {ddp,zero3} OUT.json: the rollout's tensor-parallel copy
-(distributed.tensor_parallel_copy + copy_weights) against the unsharded policy. Used by test_shard.py; writes its checks."""
+(distributed.inference_copy + copy_weights) against the unsharded policy. Used by test_shard.py; writes its checks."""
 import json
 import os
 import sys
@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_model, make_tokenizer  # noqa: E402
 from rollout import generate  # noqa: E402
-from distributed import copy_weights, shard_model, tensor_parallel_copy  # noqa: E402
+from distributed import copy_weights, inference_copy, shard_model  # noqa: E402
 from model import Policy  # noqa: E402
 from train import Config  # noqa: E402
 
@@ -21,7 +21,7 @@ shard, out = sys.argv[1], sys.argv[2]
 tok = make_tokenizer()
 plain = make_model(tok).eval()  # the same weights on both ranks (seeded)
 policy = shard_model(Policy(make_model(tok)), Config(shard=shard), cuda=False, local_rank=0, world=2)
-gen, group = tensor_parallel_copy(plain.config, 2, torch.device("cpu"), torch.float32)
+gen, group = inference_copy(plain.config, torch.device("cpu"), torch.float32, tp=2)
 texts = ["What is 3 + 5?", "0 1 2 3 4 5 6", "Let's think step by step."]
 every = [tok(t)["input_ids"][:3] for t in texts]
 mine = every[rank * 2:rank * 2 + 2]  # 2 prompts on rank 0, 1 on rank 1
