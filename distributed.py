@@ -10,6 +10,7 @@ rollout copy, and checkpoints (save, resume, and the checks that keep a multi-no
 Every function here is called on every rank (they hold collectives) unless its docstring says otherwise.
 """
 import contextlib
+import copy
 import datetime
 import inspect
 import os
@@ -172,14 +173,15 @@ def checkpoints(out):
 EXPORT_FILE_BYTES = 5 * 2**30  # size of one safetensors file of a zero2/zero3 checkpoint's model/ export
 
 
-def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master):
-    """Called on every rank. step_NNNNNN/: model/ (the full model as HF safetensors + config + tokenizer),
-    state.pt (step, sampler, consecutive bad steps) and the optimizer: optim.pt under ddp; under zero2/zero3,
-    shards/ holds the fp32 parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks).
-    Under ddp model/ is rank 0's save_pretrained; under zero2/zero3 each rank writes its slices and rank 0 merges them
-    into ~5 GB safetensors files tensor by tensor (DCP's HuggingFaceStorageWriter), so no full copy of the model is
-    ever gathered in memory. Written as .tmp, then renamed. With cfg.keep_last, older checkpoints then lose their
-    training state (they stay for eval) once this one is complete."""
+def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master, export_dtype):
+    """Called on every rank. step_NNNNNN/: model/ (the full model as HF safetensors in export_dtype, e.g. bf16 as the
+    released Zoo models, + config + tokenizer), state.pt (step, sampler, consecutive bad steps) and the fp32 training
+    state: under ddp weights.pt (the master weights) and optim.pt; under zero2/zero3 shards/, the fp32 parameter and
+    Adam shards (torch.distributed.checkpoint; resumes on any number of ranks). Under ddp model/ is rank 0's
+    save_pretrained; under zero2/zero3 each rank writes its slices and rank 0 merges them into ~5 GB safetensors files
+    tensor by tensor (DCP's HuggingFaceStorageWriter), so no full copy of the model is ever gathered in memory.
+    Written as .tmp, then renamed. With cfg.keep_last, older checkpoints then lose their training state (they stay
+    for eval) once this one is complete."""
     final = os.path.join(out, f"step_{step:06d}")
     tmp = final + ".tmp"
     if master:
@@ -194,7 +196,7 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         dcp.save({"model": model, "optim": get_optimizer_state_dict(policy, optimizer)},
                  checkpoint_id=os.path.join(tmp, "shards"))
         tied = {n for n, _ in lm.named_parameters(remove_duplicate=False)} - {n for n, _ in lm.named_parameters()}
-        export = {k.removeprefix("lm."): v for k, v in model.items()
+        export = {k.removeprefix("lm."): v.to(export_dtype) for k, v in model.items()
                   if k.removeprefix("lm.") not in tied}  # a tied lm_head is saved once, as HF does
         files, index, used = {}, 1, 0  # tensor name -> safetensors file number (the hub takes files <= 50 GB)
         for k, v in export.items():
@@ -207,18 +209,22 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
     if master:
         model_dir = os.path.join(tmp, "model")
         if cfg.shard == "ddp":
-            lm.save_pretrained(model_dir)
+            weights = lm.state_dict()  # fp32
+            lm.save_pretrained(model_dir, state_dict={k: v.to(export_dtype) for k, v in weights.items()})
+            torch.save(weights, os.path.join(tmp, "weights.pt"))
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
         else:
             shutil.rmtree(os.path.join(model_dir, "sharded"))  # the per-rank slices, merged above
-            lm.config.save_pretrained(model_dir)
             lm.generation_config.save_pretrained(model_dir)
+        config = copy.deepcopy(lm.config)  # (save_pretrained writes the live model's dtype: fp32)
+        config.dtype = str(export_dtype).removeprefix("torch.")
+        config.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         torch.save(state, os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
         os.replace(tmp, final)
         for old in checkpoints(out)[:-cfg.keep_last] if cfg.keep_last else []:
-            for name in ("state.pt", "optim.pt"):  # state.pt first: a checkpoint without it is never resumed from
+            for name in ("state.pt", "optim.pt", "weights.pt"):  # state.pt first: then it is never resumed from
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(old, name))
             shutil.rmtree(os.path.join(old, "shards"), ignore_errors=True)
@@ -296,8 +302,12 @@ def check_resumable(ckpt, state, cfg):
 
 
 def load_training_state(ckpt, state, policy, optimizer, cfg):
-    """Resume: the optimizer (ddp; its weights came with load_lm), or the parameter and Adam shards (zero2/zero3)."""
+    """Resume: the fp32 master weights and the optimizer (ddp), or the parameter and Adam shards (zero2/zero3)."""
     if cfg.shard == "ddp":
+        weights = os.path.join(ckpt, "weights.pt")  # (before 2026-11-29 the fp32 export, loaded already, held them)
+        if os.path.exists(weights):
+            module = policy.module if isinstance(policy, DDP) else policy
+            module.lm.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
         optim = state.get("optimizer")  # (inside state.pt in checkpoints of train.py before 2026-11-25)
         if optim is None:
             optim = torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True, map_location="cpu")

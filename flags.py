@@ -18,7 +18,8 @@ def parse_flags(argv, config_cls, presets):
     for a in argv:
         name, eq, value = a.removeprefix("--").partition("=")
         if not a.startswith("--") or name not in fields:
-            close = difflib.get_close_matches(name, fields, n=3)
+            prefix = [f for f in fields if name.startswith(f) or f.startswith(name)]  # --lr_rate: --lr; --temp
+            close = list(dict.fromkeys(prefix + difflib.get_close_matches(name, fields, n=3)))[:3]
             sys.exit(f"error: unknown flag {a!r}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close
                      else f"; flags are --name=value with name in: {', '.join(fields)}"))
         args[name] = value if eq else "true"

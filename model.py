@@ -36,9 +36,30 @@ def resolve_model(name):
         if not os.path.isfile(name):
             sys.exit(f"error: --model={name}: no such file")
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
-    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if os.path.exists(name):
+        return name, None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
         sys.exit(f"error: --model={name} is neither a local folder nor a hub id like Qwen/Qwen2.5-7B")
-    return name, None
+    return from_hub(name), None
+
+
+@functools.cache
+def from_hub(name):
+    """A hub id -> itself when the hub answers; the cached snapshot folder when the hub does not answer but the model
+    was downloaded before; else exits with one line, at once (transformers would retry for about a minute)."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+    cached = try_to_load_from_cache(name, "config.json")  # its path, when this model is in the local cache
+    try:
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        get_session().head(constants.ENDPOINT, timeout=10)
+        return name
+    except Exception as e:  # (requests or httpx errors, by huggingface_hub version)
+        if isinstance(cached, str):
+            return os.path.dirname(cached)
+        sys.exit(f"error: --model={name} is not in the local Hugging Face cache and {constants.ENDPOINT} does not "
+                 f"answer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it where there "
+                 f"is a network (`huggingface-cli download {name} --local-dir DIR`) and pass --model=DIR")
 
 
 def load_config(name, cfg):

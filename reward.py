@@ -371,12 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output JSONL path")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds of wall clock per response")
     args = ap.parse_args(argv)
+    rows = []
     try:
         with open(args.input, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        for n, row in enumerate(rows, 1):
-            if not isinstance(row, dict) or "response" not in row or "gold" not in row:
-                raise ValueError(f"{args.input}: row {n} needs 'response' and 'gold' fields")
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.input}:{lineno} is not valid JSON ({e.msg}); fix or delete that line")
+                if not isinstance(row, dict) or "response" not in row or "gold" not in row:
+                    raise ValueError(f"{args.input}:{lineno} needs 'response' and 'gold' fields")
+                rows.append(row)
     except (OSError, ValueError) as e:           # missing file, bad JSON, missing fields
         print(f"reward.py: error: {e}", file=sys.stderr)
         return 2

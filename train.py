@@ -69,6 +69,7 @@ class Config:
     steps: int = 100                # rollout batches (100 ~ 12 epochs of 8,532 prompts)
     save_every: int = 5             # checkpoint every N steps (and at the end); 0 = never (benchmarks only)
     keep_last: int = 2              # newest N checkpoints keep their training state; older keep model/ only; 0 = all
+    export_dtype: str = "auto"      # checkpoints' model/ export: auto = the initial model's (Qwen2.5: bfloat16), float32
     out: str = "runs/7b"            # run directory
     seed: int = 0
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
@@ -111,6 +112,8 @@ def parse_config(argv):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
     if cfg.engine not in ("slots", "pad", "cb"):
         sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad, cb")
+    if cfg.export_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        sys.exit(f"error: --export_dtype={cfg.export_dtype} is not one of auto, bfloat16, float16, float32")
     negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0]
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
@@ -306,6 +309,7 @@ class Run:
     sampler: Sampler       # this rank's stream of prompt indices (at the resumed position)
     ckpt: str | None       # the checkpoint to resume from, if any
     state: dict | None     # its state.pt
+    export_dtype: object   # torch dtype of the checkpoints' model/ exports
     summary: str           # one line on the data and the batch, logged at start
 
 
@@ -323,8 +327,9 @@ def prepare(cfg, rank, world):
         if state:
             sampler.load_state_dict(state["sampler"])  # checks it is the same prompt set and seed
         if len(prompt_ids) < cfg.prompts_per_step:
-            raise DataError(f"only {len(prompt_ids)} usable prompts (of {len(examples)}; {n_long} longer than "
-                            f"--max_prompt_len={cfg.max_prompt_len}) for --prompts_per_step={cfg.prompts_per_step}")
+            raise DataError(f"only {len(prompt_ids)} usable prompts (of {len(examples) + n_skipped} rows: {n_skipped} "
+                            f"without a prompt or answer, {n_long} longer than --max_prompt_len={cfg.max_prompt_len}) "
+                            f"for --prompts_per_step={cfg.prompts_per_step}")
         if cfg.eval_every:
             benchmarks = cfg.eval_benchmarks.split(",")
             if len(set(benchmarks)) < len(benchmarks):
@@ -347,7 +352,9 @@ def prepare(cfg, rank, world):
     summary = (f"data {cfg.data}: {len(prompt_ids)} prompts ({n_skipped} rows skipped: empty prompt/answer; {n_long} "
                f"longer than {cfg.max_prompt_len} tokens dropped) | {world} ranks x {local} prompts x {G} samples | "
                f"{cfg.mini_batches} mini-batches of {cfg.prompts_per_step // cfg.mini_batches * G} responses")
-    return Run(tokenizer, prompt_ids, golds, sampler, ckpts[-1] if ckpts else None, state, summary)
+    export_dtype = getattr(torch, str(model_config.dtype or "float32").removeprefix("torch.")) \
+        if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)  # (a GGUF's config has no dtype)
+    return Run(tokenizer, prompt_ids, golds, sampler, ckpts[-1] if ckpts else None, state, export_dtype, summary)
 
 # -----------------------------------------------------------------------------
 # The training run.
@@ -445,7 +452,7 @@ def main(argv, score=None):
         stop = bad_steps >= 3
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop):
             distributed.save_checkpoint(cfg.out, step, m.policy, m.lm, tokenizer, optimizer, run.sampler, bad_steps,
-                                        cfg, master)
+                                        cfg, master, run.export_dtype)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny random model: CLI errors, learning, resume == uninterrupted, 2-rank DDP."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def metrics(out):
 def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     with pytest.raises(SystemExit, match="did you mean --prompts_per_step"):
         train.parse_config(["--prompt_per_step=8"])
+    with pytest.raises(SystemExit, match=r"did you mean --lr\?"):  # a prefix, which difflib alone misses
+        train.parse_config(["--lr_rate=1"])
     with pytest.raises(SystemExit, match="not a valid float"):
         train.parse_config(["--lr=fast"])
     with pytest.raises(SystemExit, match="unknown --preset"):
@@ -86,6 +89,11 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
     assert r.returncode != 0 and "--gen_tp=2 does not divide the 1 ranks" in r.stderr
     r = run(flags(model_dir, data_file, str(tmp_path / "o"), max_prompt_len=5))
     assert r.returncode != 0 and "max_prompt_len" in r.stderr
+    three = tmp_path / "three.jsonl"  # one row without an answer: counted in the message, not silently gone
+    three.write_text("".join(json.dumps(r) + "\n" for r in [dict(question="1+1?", answer="2"), dict(question="2+2?"),
+                                                              dict(question="3+3?", answer="6")]))
+    r = run(flags(model_dir, str(three), str(tmp_path / "o")))
+    assert r.returncode != 0 and "only 2 usable prompts (of 3 rows: 1 without a prompt or answer" in r.stderr
     r = run(flags(str(tmp_path / "no_model"), data_file, str(tmp_path / "o")))
     assert r.returncode != 0 and "no_model" in r.stderr
     r = run(flags(model_dir, data_file, str(tmp_path / "o"), max_response_len=600))  # the tiny model: 512 positions
@@ -217,3 +225,40 @@ def test_attention_impl_imports_flash_attn(tmp_path, monkeypatch, capsys):
         if real is not None:
             sys.modules["flash_attn"] = real
         model.attention_impl.cache_clear()
+
+
+def test_hub_id_without_a_network(model_dir, tmp_path):
+    """A hub id while the hub does not answer (HF_ENDPOINT: a closed local port): one line at once, not a minute of
+    retries; a model that is in the local cache loads from its snapshot folder instead."""
+    env = dict(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    r = run(["--model=Qwen/Qwen2.5-0.5B", f"--out={tmp_path / 'o'}"], env=env)
+    assert r.returncode != 0 and "is not in the local Hugging Face cache" in r.stderr
+    assert "Retrying" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / "abc123"  # the hub cache's layout
+    shutil.copytree(model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    r = subprocess.run([sys.executable, "-c", "from model import resolve_model; print(resolve_model('org/tiny')[0])"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert r.returncode == 0 and r.stdout.strip() == str(snapshot), r.stderr
+
+
+@pytest.mark.slow
+def test_bf16_export_keeps_fp32_master_weights_for_resume(model_dir, data_file, tmp_path):
+    """--export_dtype=bfloat16 (what "auto" gives for Qwen2.5): model/ holds bf16 tensors and says so in config.json,
+    for eval and sharing, while ddp's fp32 master weights go to weights.pt, so 2 steps + resume + 1 step still equals
+    3 steps. Under zero3 the export is bf16 too (its master weights are in shards/)."""
+    a, b, z = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "z")
+    train.main(flags(model_dir, data_file, a, steps=3, save_every=3, export_dtype="bfloat16"))
+    train.main(flags(model_dir, data_file, b, steps=2, save_every=2, export_dtype="bfloat16"))
+    train.main(flags(model_dir, data_file, b, steps=3, save_every=3, export_dtype="bfloat16"))
+    export = load_file(os.path.join(b, "step_000002", "model", "model.safetensors"))
+    assert {v.dtype for v in export.values()} == {torch.bfloat16}
+    assert json.load(open(os.path.join(b, "step_000002", "model", "config.json")))["dtype"] == "bfloat16"
+    wa, wb = (torch.load(os.path.join(d, "step_000003", "weights.pt"), weights_only=True) for d in (a, b))
+    assert {v.dtype for v in wa.values()} == {torch.float32} and all(torch.equal(wa[k], wb[k]) for k in wa)
+    train.main(flags(model_dir, data_file, z, steps=1, save_every=1, shard="zero3", export_dtype="bfloat16"))
+    folder = os.path.join(z, "step_000001", "model")
+    assert {v.dtype for f in os.listdir(folder) if f.endswith(".safetensors")
+            for v in load_file(os.path.join(folder, f)).values()} == {torch.bfloat16}
+    assert json.load(open(os.path.join(folder, "config.json")))["dtype"] == "bfloat16"
