@@ -8,12 +8,13 @@ times next to bench/memory.py's estimate:
 It writes a model folder (random weights, bf16 safetensors, built on the GPU when there is one, and a byte-level BPE
 tokenizer trained offline; cached in --cache), then runs `torchrun --standalone --nproc_per_node=NPROC train.py` on
 the built-in arithmetic data with the Zoo's settings (qwen-boxed template, 8 samples, kl_coef 1e-4) and the flags
-after `--`. A random model rarely emits a stop token, so nearly every response runs to --max_response_len: the
-rollout's KV cache is at its worst case, which is what the memory estimate assumes. Prints one JSON line per step
-(train.py's metrics: peak_mem_gib = torch.cuda.max_memory_allocated from the step's rollout through its update,
-peak_mem_rollout_gib during its rollout; on CPU the process's max RSS; train.py also prints the peak after loading)
-and one with bench/memory.py's estimate for the same shape, shard mode, GPU count and micro-batch budget. No
-checkpoint is written (--save_every=0: a 7B zero3 one is ~122 GB).
+after `--`. A random model rarely emits a stop token, so nearly every response runs to --max_response_len: the most
+tokens a rollout can decode (the slot cache's memory does not depend on it: every slot is allocated at full length).
+Prints one JSON line per step (train.py's metrics: peak_mem_gib = torch.cuda.max_memory_allocated from the step's
+rollout through its update, peak_mem_rollout_gib during its rollout; on CPU the process's max RSS; train.py also
+prints the peak after loading, and the rollout its number of KV slots) and one with bench/memory.py's estimate for
+the same shape, shard mode, GPU count, GPU size and micro-batch budget. No checkpoint is written (--save_every=0: a
+7B zero3 one is ~122 GB).
 """
 import argparse
 import json
@@ -57,7 +58,10 @@ def build_model(name, folder, device):
 
 
 def estimate(name, flags, nproc):
-    """bench/memory.py's per-GPU bytes for this run: max(load, rollout with the run's KV, update), in GiB."""
+    """bench/memory.py's per-GPU bytes for this run, in GiB: load, rollout (engine "slots" only: S slots, each allocated
+    at full length whatever the responses' lengths, S = --rollout_slots or what rollout.kv_slots gives on this GPU,
+    at most the rows of the call), update, and their max; plus S. Steady state: at step 1 Adam's states do not exist
+    yet, so kv_slots finds more free memory than this assumes."""
     if name not in SHAPE_OF:
         return None
     import train
@@ -65,16 +69,19 @@ def estimate(name, flags, nproc):
     m = memory.MODELS[SHAPE_OF[name]]
     gen = memory.resident(m, cfg.shard, nproc, "gen", cfg.gen_tp)
     upd = memory.resident(m, cfg.shard, nproc, "update", cfg.gen_tp)
-    prompts = cfg.prompts_per_step // nproc * cfg.gen_tp  # per generating rank or tp group
-    rows = min(prompts, cfg.rollout_prompts or prompts) * cfg.samples_per_prompt
+    rows = cfg.prompts_per_step // nproc * cfg.gen_tp * cfg.samples_per_prompt  # per generating rank or tp group
     prompt_len = 64  # arithmetic prompts in the qwen-boxed template are ~40-60 tokens
-    kv = rows * ((prompt_len + cfg.max_response_len) * memory.kv_bytes_per_token(m, cfg.shard, cfg.gen_tp)
-                 + 14 * m.vocab)
-    act = memory.activations(m, cfg.shard, cfg.micro_batch_tokens)
-    parts = dict(load=memory.load_peak(m, cfg.shard, nproc, cfg.gen_tp), rollout=sum(gen.values()) + kv,
-                 update=sum(upd.values()) + act)
+    cap = prompt_len + cfg.max_response_len  # tokens a slot holds
+    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else memory.GPU
+    S = min(cfg.rollout_slots, rows) if cfg.rollout_slots else \
+        memory.kv_slots(m, sum(gen.values()), rows, cap, cfg.gen_tp, prompt_len, gpu)
+    parts = dict(load=memory.load_peak(m, cfg.shard, nproc, cfg.gen_tp), update=sum(upd.values())
+                 + memory.activations(m, cfg.shard, cfg.micro_batch_tokens))
+    if cfg.engine == "slots":  # + the int64 token buffer (rows + 1, max_response_len)
+        parts["rollout"] = sum(gen.values()) + S * memory.slot_bytes(m, cap, cfg.gen_tp) \
+            + memory.prefill_bytes(m, prompt_len) + 8 * (rows + 1) * cfg.max_response_len
     parts["peak"] = max(parts.values())
-    return {k: round(v / memory.GIB, 2) for k, v in parts.items()}
+    return {k: round(v / memory.GIB, 2) for k, v in parts.items()} | dict(slots=S if cfg.engine == "slots" else None)
 
 
 def main():
