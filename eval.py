@@ -60,10 +60,10 @@ class Config:
     checkpoints: str = ""           # a train.py run directory: evaluate each step_*/model not evaluated yet
     regrade: str = ""               # a generations.jsonl to grade again with the current reward.py (no model)
     benchmarks: str = ",".join(BENCHMARKS)  # comma-separated; DIR/<name>/test.jsonl each
-    data_dir: str = "data/benchmarks"
+    data_dir: str = "data/benchmarks"  # holds <benchmark>/test.jsonl (layouts above)
     template: str = "qwen-boxed"    # data.TEMPLATES key (--checkpoints: the run's own unless given)
     temperature: float = 0.0        # 0 = greedy, the Zoo's setting for base models
-    top_p: float = 1.0
+    top_p: float = 1.0              # nucleus sampling; 1.0 = off
     max_new_tokens: int = 16384     # response tokens; longer responses are cut (clip_ratio)
     n: int = 1                      # samples per problem: acc = avg@n; pass@k for k = 1, 2, 4, .. <= n
     limit: int = 0                  # first N problems of each benchmark; 0 = all

@@ -56,9 +56,9 @@ class Config:
     max_prompt_len: int = 1024      # tokens; longer prompts are dropped (and counted) at load
     max_response_len: int = 8192    # new tokens per response (3072 for 4K-context models)
     temperature: float = 1.0        # sampling temperature; log-probs are taken at this temperature
-    top_p: float = 1.0
+    top_p: float = 1.0              # nucleus sampling; 1.0 = off (the Zoo's rollouts)
     lr: float = 5e-7                # AdamW, constant, no warmup, betas (0.9, 0.999)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01      # AdamW's decoupled weight decay
     grad_clip: float = 1.0          # max global grad norm
     kl_coef: float = 1e-4           # beta of low_var_kl to the initial model (1e-3 for >14B); 0 = no reference model
     entropy_coef: float = 1e-3      # loss = pg - entropy_coef * entropy + kl_coef * kl
@@ -70,7 +70,7 @@ class Config:
     save_every: int = 5             # checkpoint every N steps (and at the end); 0 = never (benchmarks only)
     keep_last: int = 2              # newest N checkpoints keep their training state; older keep model/ only; 0 = all
     out: str = "runs/7b"            # run directory
-    seed: int = 0
+    seed: int = 0                   # prompt order and sampling RNG (both re-seeded per step from it)
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     engine: str = "drop"            # rollout engine: drop (decode loop dropping finished rows) | pad (HF generate) | cb

@@ -1,5 +1,6 @@
 """eval.py: gold extraction per benchmark layout, pass@k, summary stats, regrade, tiny-model runs (1 and 2 ranks,
 --checkpoints with curves), and one-line errors on bad input."""
+import dataclasses
 import itertools
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import eval as ev
+import flags
 from conftest import make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,6 +236,16 @@ def test_checkpoints_of_a_run_curves_and_skip(tokenizer, bench_dir, tmp_path, ca
     assert "eval 1 model(s)" in capsys.readouterr().out  # steps 2 and 4 are skipped
     assert {s: os.stat(run / "eval" / f"step_{s:06d}" / "summary.json").st_mtime_ns for s in (2, 4)} == done
     assert json.load(open(run / "eval" / "step_000006" / "config.json"))["template"] == "qwen-boxed"
+
+
+def test_help_prints_every_flag_and_the_presets_and_exits_0():
+    r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    comments = flags.field_comments(ev.Config)
+    for f in dataclasses.fields(ev.Config):
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        assert comments[f.name] and f"--{f.name}={default}" in r.stdout and comments[f.name] in r.stdout, f.name
+    assert "\n  base     temperature=0.0 top_p=1.0\n  rl       temperature=1.0 top_p=0.95" in r.stdout
 
 
 def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):

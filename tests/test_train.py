@@ -1,4 +1,5 @@
 """train.py end to end on a tiny random model: CLI errors, learning, resume == uninterrupted, 2-rank DDP."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed
+import flags as flags_module
 import model
 import train
 from reward import Grade
@@ -99,6 +101,19 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit, match="--engine=cb decodes in the weights' own dtype"):
         train.main(flags(model_dir, data_file, str(tmp_path / "cb"), engine="cb"))
+
+
+def test_help_prints_every_flag_with_its_default_and_comment_and_exits_0():
+    r = run(["--help"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    comments = flags_module.field_comments(train.Config)
+    assert comments["samples_per_prompt"] == "group size G"
+    for f in dataclasses.fields(train.Config):  # the Config dataclass is the source: every field has a comment
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        assert comments[f.name] and f"--{f.name}={default}" in r.stdout and comments[f.name] in r.stdout, f.name
+    for name, preset in train.PRESETS.items():
+        assert f"\n  {name:<9}" in r.stdout and f"out={preset['out']}" in r.stdout
+    assert "python train.py --preset=smoke" in r.stdout  # the docstring's launch lines
 
 
 def sevens(responses, golds):
