@@ -22,8 +22,9 @@ Outputs in --out (--checkpoints: RUN_DIR/eval/step_NNNNNN/ per checkpoint; one w
     context: Qwen2.5-Math-7B's 4K), stop_len (mean tokens of the responses that stopped), box_ratio,
     reflection_ratio (responses containing a REFLECTION word, any case), count (problems), n; and "average": the mean acc over the benchmarks. summary.md: the table (also printed).
   - config.json: the settings that ran.
-  - --checkpoints also draws RUN_DIR/eval/curves.png: accuracy, and training response length and clip ratio
-    (RUN_DIR/metrics.jsonl) vs step; the template is the run's own (RUN_DIR/config.json) unless --template is given.
+  - --checkpoints also draws RUN_DIR/eval/curves.png (logs.plot_curves, as train.py's curves.png): accuracy, and
+    training response length and clip ratio (RUN_DIR/metrics.jsonl) vs step; the template is the run's own
+    (RUN_DIR/config.json) unless --template is given.
 
 Departures from the Zoo's harness (math-evaluation-harness on vLLM): HF generate; zero-shot, no code execution;
 reward.py's answer extraction and comparison (see its docstring); olympiadbench golds lose every `$` (the harness's
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import logs
 import reward
 from data import STOP_WORDS, TEMPLATES, DataError
 from distributed import checkpoints
@@ -60,10 +62,10 @@ class Config:
     checkpoints: str = ""           # a train.py run directory: evaluate each step_*/model not evaluated yet
     regrade: str = ""               # a generations.jsonl to grade again with the current reward.py (no model)
     benchmarks: str = ",".join(BENCHMARKS)  # comma-separated; DIR/<name>/test.jsonl each
-    data_dir: str = "data/benchmarks"
+    data_dir: str = "data/benchmarks"  # holds <benchmark>/test.jsonl (layouts above)
     template: str = "qwen-boxed"    # data.TEMPLATES key (--checkpoints: the run's own unless given)
     temperature: float = 0.0        # 0 = greedy, the Zoo's setting for base models
-    top_p: float = 1.0
+    top_p: float = 1.0              # nucleus sampling; 1.0 = off
     max_new_tokens: int = 16384     # response tokens; longer responses are cut (clip_ratio)
     n: int = 1                      # samples per problem: acc = avg@n; pass@k for k = 1, 2, 4, .. <= n
     limit: int = 0                  # first N problems of each benchmark; 0 = all
@@ -264,28 +266,20 @@ def write_results(out, rows, summary, config):
 
 
 def plot_curves(run_dir):
-    """RUN_DIR/eval/curves.png: accuracy per benchmark vs step, and the response length and clip ratio of the
-    training rollouts vs step (from RUN_DIR/metrics.jsonl, when there is one). Returns its path."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state; PNGs are drawn by Agg
-    root, metrics = os.path.join(run_dir, "eval"), os.path.join(run_dir, "metrics.jsonl")
+    """RUN_DIR/eval/curves.png (logs.plot_curves, as train.py's curves.png): accuracy per benchmark vs step, and the
+    response length and clip ratio of the training rollouts vs step (from RUN_DIR/metrics.jsonl, when there is one).
+    Returns the panel titles."""
+    root = os.path.join(run_dir, "eval")
     evals = sorted((int(d[5:]), json.load(open(os.path.join(root, d, "summary.json")))) for d in os.listdir(root)
                    if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "summary.json")))
-    m = [json.loads(l) for l in open(metrics) if l.strip()] if os.path.isfile(metrics) else []
-    fig = Figure(figsize=(17, 4.5), layout="tight")
-    axes = fig.subplots(1, 3, sharex=True)
-    for b in [*dict.fromkeys(b for _, s in evals for b in s if b != "average"), "average"]:
-        acc = [(s[b] if b == "average" else s[b]["acc"]) if b in s else math.nan for _, s in evals]
-        axes[0].plot([t for t, _ in evals], acc, "k--s" if b == "average" else "-o", label=b)
-    axes[0].legend(fontsize=8)
-    axes[0].set(title=f"eval accuracy (%): {os.path.basename(os.path.abspath(run_dir))}")
-    for a, key, title in zip(axes[1:], ["len_mean", "clip_ratio"], ["response length (tokens)", "clip ratio"]):
-        a.plot([x["step"] for x in m], [x[key] for x in m], color="tab:red")
-        a.set(title=f"training rollouts: {title}")
-    for a in axes:
-        a.set(xlabel="training step")
-        a.grid(alpha=0.3)
-    fig.savefig(os.path.join(root, "curves.png"), dpi=110)
-    return os.path.join(root, "curves.png")
+    m = logs.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    acc = {b: ([t for t, s in evals if b in s], [s[b]["acc"] if b != "average" else s[b] for t, s in evals if b in s])
+           for b in [*dict.fromkeys(b for _, s in evals for b in s if b != "average"), "average"]}
+    panels = [("eval accuracy (%)", acc),
+              ("training rollouts: response length (tokens)", logs.series(m, {"mean": "len_mean"})),
+              ("training rollouts: clip ratio", logs.series(m, {"clip ratio": "clip_ratio"}))]
+    return logs.plot_curves(os.path.join(root, "curves.png"), panels,
+                            f"{os.path.basename(os.path.abspath(run_dir))}: {len(evals)} checkpoints evaluated")
 
 # -----------------------------------------------------------------------------
 # The command line.
@@ -339,7 +333,8 @@ def main(argv):
             print(f"{name}: {time.time() - t0:.0f}s -> {out}", flush=True)
         del lm
     if cfg.checkpoints and master:
-        print("curves:", plot_curves(cfg.checkpoints))
+        plot_curves(cfg.checkpoints)
+        print("curves:", os.path.join(cfg.checkpoints, "eval", "curves.png"))
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,15 +1,36 @@
-"""What a run records: config.json, metrics.jsonl, samples.jsonl and the step line (rank 0 writes them all).
+"""What a run records and shows (rank 0): config.json, metrics.jsonl, samples.jsonl, curves.png, the step line with
+its ETA, the end-of-run line, and optionally the same metrics in Weights & Biases and TensorBoard.
 
-    logs.start(cfg, start_step)        # config.json; a resumed run drops log lines written after its checkpoint
+    logs.check_packages(cfg)           # before any model loads: matplotlib, and wandb / tensorboard if asked
+    rec = logs.start(cfg, start_step)  # config.json; trims log lines past the checkpoint; opens the sinks
     m = logs.step_metrics(...)         # every rank: the step's metrics, summed over ranks
-    logs.log_step(out, metrics, ...)   # the step line, a metrics.jsonl row, a few completions in samples.jsonl
+    rec.log_step(m, ...)               # the step line, a metrics.jsonl row, a few completions, the sinks, curves.png
+    rec.finish()                       # closes the sinks; one line naming the outputs
+    logs.plot_curves(path, panels, title)  # the one plotting function: train.py's curves.png and eval.py's
+
+Sinks: --wandb=PROJECT logs to a W&B run named after --out (WANDB_MODE=offline keeps it local, under OUT/wandb/);
+--tensorboard writes event files to OUT/tb. Both get every metrics.jsonl key per step (as train/KEY; eval_B as
+eval/B), the resolved config, and the step's sample completions (a W&B table, TensorBoard text). A resumed run
+continues the same W&B run (its id is kept in OUT/wandb_id) and the same TensorBoard curves: the resumed writer purges
+the events at and after its first step, so the steps a crashed process logged past its checkpoint are replaced. W&B
+keeps the first values it got for a step, so steps it already has are not sent again (metrics.jsonl holds the
+replay; on CPU it is identical).
+
+ETA: elapsed is the time since this process's first step began; the time left is the mean wall time of this process's
+steps so far (rollout to the next rollout: eval, checkpoints and logging included, since they recur) times the
+steps left.
 """
 import dataclasses
+import importlib
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
+import textwrap
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -17,9 +38,23 @@ import torch.distributed as dist
 import distributed
 
 
+def check_packages(cfg):
+    """Exits with one line (naming the pip command) if a package the run will import later does not import:
+    matplotlib for curves.png, wandb for --wandb, tensorboard for --tensorboard."""
+    for needed, module, why, pip in [(True, "matplotlib", "curves.png", "matplotlib"),
+                                     (cfg.wandb, "wandb", f"--wandb={cfg.wandb}", "wandb"),
+                                     (cfg.tensorboard, "torch.utils.tensorboard", "--tensorboard", "tensorboard")]:
+        try:
+            if needed:
+                importlib.import_module(module)
+        except ImportError as e:
+            sys.exit(f"error: {why} needs the {pip} package ({e}); pip install {pip}")
+
+
 def start(cfg, start):
-    """Rank 0: config.json (the config that runs, argv, versions, git hash); the metrics.jsonl and samples.jsonl
-    lines of steps after `start`, the checkpoint we resume from, are dropped."""
+    """Rank 0, before the first step: config.json (the config that runs, argv, versions, git hash); the
+    metrics.jsonl and samples.jsonl lines of steps after `start`, the checkpoint we resume from, are dropped; the
+    sinks are opened. -> the Recorder of this process's steps."""
     import transformers
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -29,12 +64,19 @@ def start(cfg, start):
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dict(config=dataclasses.asdict(cfg), git=git, argv=sys.argv, python=sys.version.split()[0],
                        torch=torch.__version__, transformers=transformers.__version__), f, indent=2)
+    logged = [r["step"] for r in read_jsonl(os.path.join(cfg.out, "metrics.jsonl"))]  # by the previous process
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(cfg.out, name)
         if os.path.exists(path):
             kept = [l for l in open(path)  # (a line cut short by a kill has no newline)
                     if l.endswith("\n") and json.loads(l)["step"] <= start]
             open(path, "w").writelines(kept)
+    return Recorder(cfg, start, max(logged, default=0))
+
+
+def read_jsonl(path):
+    """The complete lines of a .jsonl file as dicts ([] if there is no file)."""
+    return [json.loads(l) for l in open(path) if l.endswith("\n")] if os.path.exists(path) else []
 
 
 def peak_memory_gib(device, reset=False):
@@ -45,6 +87,12 @@ def peak_memory_gib(device, reset=False):
     if reset:
         torch.cuda.reset_peak_memory_stats(device)
     return peak
+
+
+def memory_meaning(device):
+    """What peak_memory_gib measures on this device, for the lines that print it."""
+    return (f"torch max allocated on {device}; nvidia-smi adds the allocator's cache and the CUDA context"
+            if device.type == "cuda" else "CPU: this process's max RSS so far")
 
 
 def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skipped, times, seq_lens, rollout_mem,
@@ -73,15 +121,139 @@ def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skippe
                 peak_mem_gib=max(rollout_mem, peak_memory_gib(device)), peak_mem_rollout_gib=rollout_mem)
 
 
-def log_step(out, m, ro, texts, grades, golds, tokenizer):
-    """Rank 0: the step's line, its metrics.jsonl row and a few completions in samples.jsonl (golds: per row)."""
-    print(f"step {m['step']} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | clip {m['clip_ratio']:.2f} | "
-          f"kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
-          f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f})")
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(m) + "\n")
-    with open(os.path.join(out, "samples.jsonl"), "a") as f:
-        for b in range(min(4, len(texts))):  # a few completions per step
-            f.write(json.dumps(dict(step=m["step"], prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b],
-                                    gold=golds[b], reward=grades[b].reward, pred=grades[b].pred,
-                                    finish=ro.finish_reason[b])) + "\n")
+def duration(seconds):
+    """42s, 7m05s or 15h02m."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def sink_tag(key):
+    """The W&B / TensorBoard name of a metrics.jsonl key: train/KEY, or eval/BENCHMARK for eval_BENCHMARK."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
+class Recorder:
+    """Rank 0's record of this process's steps: the files in --out, the W&B run and TensorBoard writer (None when
+    not asked for), and the clock of the ETA. last_logged: the last step the previous process logged (0: none)."""
+
+    def __init__(self, cfg, start, last_logged):
+        self.cfg, self.start, self.t0, self.peak = cfg, start, time.time(), 0.0
+        config = dataclasses.asdict(cfg)
+        self.wandb = self.tb = None
+        if cfg.wandb:
+            import wandb
+            id_file = os.path.join(cfg.out, "wandb_id")  # a resumed run continues its W&B run; a fresh one starts one
+            resumed = start and os.path.exists(id_file)
+            run_id = open(id_file).read().strip() if resumed else uuid.uuid4().hex[:8]
+            self.wandb_has = last_logged if resumed else 0  # W&B keeps a step's first values: these are not resent
+            open(id_file, "w").write(run_id)
+            self.wandb = wandb.init(project=cfg.wandb, name=os.path.basename(os.path.abspath(cfg.out)), id=run_id,
+                                    resume="allow", config=config, dir=cfg.out)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: TensorBoard hides this directory's earlier events at and after the first step we log
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=start + 1)
+            self.tb.add_text("config", textwrap.indent(json.dumps(config, indent=2), "    "), start)
+
+    def log_step(self, m, ro, texts, grades, golds, tokenizer, curves=False):
+        """The step's line (step k/N, elapsed, ETA), its metrics.jsonl row, a few completions in samples.jsonl, the
+        sinks; curves.png too if `curves` (checkpoints and the last step). golds: per row."""
+        cfg, step = self.cfg, m["step"]
+        elapsed = time.time() - self.t0
+        left = elapsed / (step - self.start) * (cfg.steps - step)
+        print(f"step {step}/{cfg.steps} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | "
+              f"clip {m['clip_ratio']:.2f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
+              f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f}) | "
+              f"elapsed {duration(elapsed)} | eta {duration(left)}", flush=True)
+        samples = [dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b], gold=golds[b],
+                        reward=grades[b].reward, pred=grades[b].pred, finish=ro.finish_reason[b])
+                   for b in range(min(4, len(texts)))]  # a few completions per step
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        with open(os.path.join(cfg.out, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        self.peak = max(self.peak, m["peak_mem_gib"])
+        scalars = {sink_tag(k): v for k, v in m.items() if k != "step"}
+        if self.tb:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, step)
+            self.tb.add_text("samples", "\n\n".join(
+                f"**reward {s['reward']}** | gold `{s['gold']}` | pred `{s['pred']}` | {s['finish']}\n\n"
+                + textwrap.indent(s["prompt"] + s["response"], "    ") for s in samples), step)
+            self.tb.flush()  # a run stopped by sys.exit never closes it
+        if self.wandb and step > self.wandb_has:
+            import wandb
+            table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
+            self.wandb.log({**scalars, "samples": table}, step=step)
+        if curves:
+            plot_run(cfg.out)
+
+    def finish(self, device):
+        """The end of the run: the sinks closed, and one line naming the run directory and what is in it."""
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            self.tb.close()
+        out, ckpts, peak = self.cfg.out, distributed.checkpoints(self.cfg.out), max(self.peak, peak_memory_gib(device))
+        print(f"done in {duration(time.time() - self.t0)}, peak memory {peak:.1f} GiB ({memory_meaning(device)})"
+              f" | run {out} | last checkpoint {ckpts[-1] if ckpts else 'none (--save_every=0)'} | "
+              f"{os.path.join(out, 'metrics.jsonl')} | {os.path.join(out, 'curves.png')}", flush=True)
+
+# -----------------------------------------------------------------------------
+# Curves: one plotting function for training runs (OUT/curves.png) and eval.py --checkpoints (OUT/eval/curves.png).
+
+
+CURVES = [  # the panels of a training run's curves.png: (title, {legend label: metrics.jsonl key})
+    ("reward (mean)", {"reward": "reward"}),
+    ("response length (tokens)", {"mean": "len_mean", "max": "len_max"}),
+    ("clip ratio (cut at max length)", {"clip ratio": "clip_ratio"}),
+    ("KL to reference (per token)", {"kl": "kl"}),
+    ("entropy (per token)", {"entropy": "entropy"}),
+    ("grad norm (before clipping)", {"grad norm": "grad_norm"}),
+    ("seconds per step, by phase", {"rollout": "t_rollout", "reward": "t_reward", "log-probs": "t_logprobs",
+                                    "update": "t_update"}),
+]
+
+
+def series(rows, keys):
+    """{label: (steps, values)} from metrics rows, for each label -> key of `keys`; rows without the key are skipped."""
+    return {label: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+            for label, key in keys.items()}
+
+
+def plot_run(out):
+    """OUT/curves.png from OUT/metrics.jsonl: the CURVES panels, and eval accuracy (%) per benchmark when the run
+    evaluated (--eval_every). Returns the panel titles."""
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    evals = {k[5:]: k for r in rows for k in r if k.startswith("eval_")}
+    panels = [(title, series(rows, keys)) for title, keys in CURVES]
+    panels += [("eval accuracy (%)", series(rows, evals))] if evals else []
+    title = f"{os.path.basename(os.path.abspath(out))}: {len(rows)} steps ({os.path.join(out, 'metrics.jsonl')})"
+    return plot_curves(os.path.join(out, "curves.png"), panels, title)
+
+
+def plot_curves(path, panels, title):
+    """panels [(title, {label: (steps, values)})] -> a PNG at `path`: up to 4 panels a row, each against the training
+    step, a legend where a panel has several lines. Returns the panel titles."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state; PNGs are drawn by Agg
+    from matplotlib.ticker import MaxNLocator
+    cols = min(4, len(panels))
+    fig = Figure(figsize=(4.5 * cols, 0.6 + 3.3 * math.ceil(len(panels) / cols)), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.1)  # inches around each panel: the figure title clear of the panel titles
+    fig.suptitle(title, fontweight="bold")
+    axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
+    for a, (name, lines) in zip(axes, panels):
+        for label, (x, y) in lines.items():
+            a.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=label)
+        if len(lines) > 1:  # in a band of headroom above the lines, so it never hides them
+            ncol = max(1, min(len(lines), 64 // (max(map(len, lines)) + 5)))  # ~64 characters fit across a panel
+            lo, hi = a.get_ylim()
+            a.set_ylim(lo, lo + (hi - lo) / (1 - 0.13 * math.ceil(len(lines) / ncol)))
+            a.legend(fontsize=8, loc="upper center", ncol=ncol, frameon=False, handlelength=1.5)
+        a.set(title=name, xlabel="training step")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+    for a in axes[len(panels):]:
+        a.set_axis_off()
+    fig.savefig(path, dpi=100)
+    return [name for name, _ in panels]

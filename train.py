@@ -8,8 +8,9 @@ One step = one rollout batch: each rank takes prompts_per_step / world prompts, 
 each (rollout.py), grades them (reward.py), normalises rewards within each prompt's group, recomputes old log-probs
 with the current policy and reference log-probs with a frozen copy of the initial model, then makes `mini_batches`
 AdamW updates of the PPO-clip objective with an entropy bonus and a low-variance KL penalty. Flags are --name=value
-for any Config field; --preset=NAME first loads a preset. A run directory (--out) holds config.json, metrics.jsonl,
-samples.jsonl and step_NNNNNN/ checkpoints; starting a run in a directory that has a checkpoint resumes from it.
+for any Config field (--help lists them); --preset=NAME first loads a preset. A run directory (--out) holds
+config.json, metrics.jsonl, samples.jsonl, curves.png and step_NNNNNN/ checkpoints; starting a run in a directory that
+has a checkpoint resumes from it. --wandb=PROJECT and --tensorboard send the metrics to those too (logs.py).
 Model loading is model.py; process groups, ZeRO sharding, the tensor-parallel rollout copy and checkpoints are
 distributed.py.
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import distributed
 import logs
@@ -56,9 +58,9 @@ class Config:
     max_prompt_len: int = 1024      # tokens; longer prompts are dropped (and counted) at load
     max_response_len: int = 8192    # new tokens per response (3072 for 4K-context models)
     temperature: float = 1.0        # sampling temperature; log-probs are taken at this temperature
-    top_p: float = 1.0
+    top_p: float = 1.0              # nucleus sampling; 1.0 = off (the Zoo's rollouts)
     lr: float = 5e-7                # AdamW, constant, no warmup, betas (0.9, 0.999)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01      # AdamW's decoupled weight decay
     grad_clip: float = 1.0          # max global grad norm
     kl_coef: float = 1e-4           # beta of low_var_kl to the initial model (1e-3 for >14B); 0 = no reference model
     entropy_coef: float = 1e-3      # loss = pg - entropy_coef * entropy + kl_coef * kl
@@ -71,7 +73,7 @@ class Config:
     keep_last: int = 2              # newest N checkpoints keep their training state; older keep model/ only; 0 = all
     export_dtype: str = "auto"      # checkpoints' model/ export: auto = the initial model's (Qwen2.5: bfloat16), float32
     out: str = "runs/7b"            # run directory
-    seed: int = 0
+    seed: int = 0                   # prompt order and sampling RNG (both re-seeded per step from it)
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
     engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate) | cb
@@ -83,6 +85,8 @@ class Config:
     eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks
     eval_data_dir: str = "data/benchmarks"    # holds <benchmark>/test.jsonl (eval.py's layouts)
     eval_limit: int = 0             # first N problems per benchmark (0 = all)
+    wandb: str = ""                 # W&B project (run name: --out's folder; WANDB_MODE=offline: local); "" = off
+    tensorboard: bool = False       # TensorBoard event files in OUT/tb (tensorboard --logdir OUT/tb)
 
 
 ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", template="qwen-boxed")
@@ -231,12 +235,12 @@ def batch_logprobs(policy, s, plans, temperature, device):
     return out
 
 
-def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device):
+def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device, bar=None):
     """Forward/backward each micro-batch of one mini-batch (plan = list of sample-index lists). The loss is a token
     mean over the whole mini-batch on ALL ranks: each rank sums its per-token losses and divides by the global token
     count n_tokens; DDP then AVERAGES gradients over ranks, so we scale by world to get sum_over_ranks / n_tokens.
     DDP syncs gradients on the last micro-batch only; FSDP reduce-scatters (and averages) every micro-batch into
-    the sharded gradients. Returns summed per-token stats."""
+    the sharded gradients. bar: a progress bar ticked per micro-batch. Returns summed per-token stats."""
     sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
     for k, mb in enumerate(plan):
         defer = isinstance(policy, DDP) and k < len(plan) - 1
@@ -251,6 +255,8 @@ def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device):
         for key in ("pg", "clipped", "kl", "entropy"):
             sums[key] += st[key].sum().item()
         sums["tokens"] += len(logp)
+        if bar is not None:
+            bar.update()
     return sums
 
 
@@ -270,16 +276,18 @@ def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu")
     return split(min(k, len(order)))
 
 
-def update(policy, optimizer, s, minis, plans, cfg, world, device):
+def update(policy, optimizer, s, minis, plans, cfg, world, device, progress=False):
     """One AdamW step per mini-batch (minis: lists of sample indices; plans: their micro-batches), the gradient norm
-    clipped; a step whose norm is not finite is skipped. -> (summed per-token stats, grad norms, skipped steps)."""
+    clipped; a step whose norm is not finite is skipped; progress: a bar over the micro-batches.
+    -> (summed per-token stats, grad norms, skipped steps)."""
     sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
     grad_norms, skipped = [], 0
+    bar = tqdm(total=sum(map(len, plans)), desc="update", unit="micro-batch", leave=False, disable=not progress)
     for mb_idx, plan in zip(minis, plans):
         # the normaliser: response tokens of the whole mini-batch on all ranks
         n_tokens = distributed.all_sum([sum(s.response_len(i) for i in mb_idx)], device)[0]
         with autocast(device):
-            st = accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device)
+            st = accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device, bar)
         sums = {k: sums[k] + st[k] for k in sums}
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -289,6 +297,7 @@ def update(policy, optimizer, s, minis, plans, cfg, world, device):
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
         grad_norms.append(grad_norm.item())
+    bar.close()
     return sums, grad_norms, skipped
 
 
@@ -347,6 +356,7 @@ def prepare(cfg, rank, world):
     if cfg.gen_tp > 1:
         distributed.tp_plan(model_config, cfg.gen_tp)
     distributed.check_checkpoint_writer(cfg.shard)
+    logs.check_packages(cfg)
     distributed.check_out(cfg, ckpts[-1] if ckpts else None, state)
     G, local = cfg.samples_per_prompt, cfg.prompts_per_step // world
     summary = (f"data {cfg.data}: {len(prompt_ids)} prompts ({n_skipped} rows skipped: empty prompt/answer; {n_long} "
@@ -396,9 +406,8 @@ def main(argv, score=None):
     if run.ckpt:
         distributed.load_training_state(run.ckpt, run.state, m.policy, optimizer, cfg)
         log(f"resuming from {run.ckpt} (step {start})")
-    if master:
-        logs.start(cfg, start)
-    log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB (rank 0)")
+    rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
+    log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0)")
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
@@ -438,24 +447,27 @@ def main(argv, score=None):
         times.append(time.time())
 
         # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped.
-        sums, grad_norms, skipped = update(m.policy, optimizer, s, minis, plans, cfg, world, device)
+        sums, grad_norms, skipped = update(m.policy, optimizer, s, minis, plans, cfg, world, device, progress=master)
         times.append(time.time())
 
-        # 5. Metrics (all ranks), eval, one line on rank 0, samples, checkpoint.
+        # 5. Metrics (all ranks), eval, one line on rank 0, samples, sinks, checkpoint (and curves.png with it).
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
                                seq_lens, rollout_mem, device)
         if cfg.eval_every and step % cfg.eval_every == 0:
             metrics.update(eval_metrics(cfg, m, tokenizer, step, rank, world))
-        if master:
-            logs.log_step(cfg.out, metrics, ro, texts, grades, golds, tokenizer)
         stop = bad_steps >= 3
-        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop):
+        save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
+        if master:
+            rec.log_step(metrics, ro, texts, grades, golds, tokenizer, curves=save or step == cfg.steps)
+        if save:
             distributed.save_checkpoint(cfg.out, step, m.policy, m.lm, tokenizer, optimizer, run.sampler, bad_steps,
                                         cfg, master, run.export_dtype)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")
+    if master:
+        rec.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
     if dist.is_initialized():
         dist.destroy_process_group()
 

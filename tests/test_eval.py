@@ -1,5 +1,6 @@
 """eval.py: gold extraction per benchmark layout, pass@k, summary stats, regrade, tiny-model runs (1 and 2 ranks,
 --checkpoints with curves), and one-line errors on bad input."""
+import dataclasses
 import itertools
 import json
 import math
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import eval as ev
+import flags
+import logs
 from conftest import make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,6 +237,34 @@ def test_checkpoints_of_a_run_curves_and_skip(tokenizer, bench_dir, tmp_path, ca
     assert "eval 1 model(s)" in capsys.readouterr().out  # steps 2 and 4 are skipped
     assert {s: os.stat(run / "eval" / f"step_{s:06d}" / "summary.json").st_mtime_ns for s in (2, 4)} == done
     assert json.load(open(run / "eval" / "step_000006" / "config.json"))["template"] == "qwen-boxed"
+
+
+def test_help_prints_every_flag_and_the_presets_and_exits_0():
+    r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    comments = flags.field_comments(ev.Config)
+    for f in dataclasses.fields(ev.Config):
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        assert comments[f.name] and f"--{f.name}={default}" in r.stdout and comments[f.name] in r.stdout, f.name
+    assert "\n  base     temperature=0.0 top_p=1.0\n  rl       temperature=1.0 top_p=0.95" in r.stdout
+
+
+def test_checkpoint_curves_are_drawn_by_the_training_curves_function(tmp_path, monkeypatch):
+    """eval.py --checkpoints' curves.png comes from logs.plot_curves, the function that draws a training run's."""
+    run = tmp_path / "run"
+    for step, acc in [(2, 10.0), (4, 30.0)]:
+        os.makedirs(run / "eval" / f"step_{step:06d}")
+        json.dump(dict(math500=dict(acc=acc), average=acc), open(run / "eval" / f"step_{step:06d}" / "summary.json", "w"))
+    write_jsonl(run / "metrics.jsonl", [dict(step=s, len_mean=30 - s, clip_ratio=0.5 / s) for s in range(1, 5)])
+    calls, real = [], logs.plot_curves
+    monkeypatch.setattr(logs, "plot_curves", lambda path, panels, title: calls.append((path, panels)) or
+                        real(path, panels, title))
+    titles = ev.plot_curves(str(run))
+    assert titles == ["eval accuracy (%)", "training rollouts: response length (tokens)", "training rollouts: clip ratio"]
+    (path, panels), = calls
+    assert path == str(run / "eval" / "curves.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert panels[0][1] == {"math500": ([2, 4], [10.0, 30.0]), "average": ([2, 4], [10.0, 30.0])}
+    assert panels[2][1] == {"clip ratio": ([1, 2, 3, 4], [0.5, 0.25, 0.5 / 3, 0.125])}
 
 
 def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):

@@ -1,15 +1,20 @@
 """train.py end to end on a tiny random model: CLI errors, learning, resume == uninterrupted, 2-rank DDP."""
+import dataclasses
+import glob
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import distributed
+import flags as flags_module
 import model
 import train
 from reward import Grade
@@ -42,7 +47,7 @@ def metrics(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
+def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="did you mean --prompts_per_step"):
         train.parse_config(["--prompt_per_step=8"])
     with pytest.raises(SystemExit, match=r"did you mean --lr\?"):  # a prefix, which difflib alone misses
@@ -107,6 +112,27 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path):
                tmp_path / "run" / "step_000002" / "state.pt")
     r = run(flags(model_dir, data_file, str(tmp_path / "run"), seed=1))
     assert r.returncode != 0 and "resume with that --seed" in r.stderr and "Loading weights" not in r.stderr + r.stdout
+    # a sink whose package does not import: one line naming the pip command, before any model loads
+    monkeypatch.setattr(train, "load_models", lambda *a, **k: pytest.fail("loaded a model"))
+    for flag, module, pip in [(dict(wandb="zoo"), "wandb", "pip install wandb"),
+                              (dict(tensorboard="true"), "torch.utils.tensorboard", "pip install tensorboard")]:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)  # `import` raises ImportError
+            with pytest.raises(SystemExit, match=f"needs the .* package .*; {pip}$"):
+                train.main(flags(model_dir, data_file, str(tmp_path / "sinks"), **flag))
+
+
+def test_help_prints_every_flag_with_its_default_and_comment_and_exits_0():
+    r = run(["--help"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    comments = flags_module.field_comments(train.Config)
+    assert comments["samples_per_prompt"] == "group size G" and comments["wandb"].startswith("W&B project")
+    for f in dataclasses.fields(train.Config):  # the Config dataclass is the source: every field has a comment
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        assert comments[f.name] and f"--{f.name}={default}" in r.stdout and comments[f.name] in r.stdout, f.name
+    for name, preset in train.PRESETS.items():
+        assert f"\n  {name:<9}" in r.stdout and f"out={preset['out']}" in r.stdout
+    assert "python train.py --preset=smoke" in r.stdout  # the docstring's launch lines
 
 
 def sevens(responses, golds):
@@ -128,18 +154,55 @@ def test_tiny_model_learns_a_learnable_reward(model_dir, data_file, tmp_path):
     assert os.path.isdir(os.path.join(out, "step_000030", "model"))  # the final step is always saved
 
 
+def wandb_history(path):
+    """[(step, {key: value})] of the history records in a W&B .wandb file, and its run record. The file is wandb-core's
+    LevelDB-style log: a 7-byte ':W&B' header, then 32 KiB blocks of chunks, each with a 7-byte header (crc32 seeded
+    with the type byte, length, type: 1 full, 2 first, 3 middle, 4 last) whose payloads join into a protobuf Record."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    data, pos, part, records = open(path, "rb").read(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # no room for a chunk header: the block's tail is padding
+            pos += 32768 - pos % 32768
+            continue
+        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad chunk at {pos}"
+        part += chunk
+        if kind in (1, 4):
+            records.append(Record.FromString(part))
+            part = b""
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    history = [(r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                     for i in r.history.item}) for r in records if r.WhichOneof("record_type") == "history"]
+    return history, run
+
+
+def tensorboard_events(logdir):
+    """{tag: [(step, value)]} as TensorBoard's own reader serves them (restarts purged); text as strings."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    acc = EventAccumulator(logdir, size_guidance={"tensors": 0})
+    acc.Reload()
+    value = lambda t: t.item() if t.dtype != object else t.item().decode()
+    return {tag: [(e.step, value(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
+
+
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
+    """Also the run's records: curves.png, the step and end lines, and the W&B (offline) and TensorBoard sinks, which
+    continue the same run after a restart without duplicate steps."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     r = run(flags(model_dir, data_file, a, steps=4))
     assert r.returncode == 0, r.stderr
-    r = run(flags(model_dir, data_file, b, steps=2, keep_last=1))
+    sinks, env = dict(wandb="zoo", tensorboard="true"), dict(WANDB_MODE="offline")
+    r = run(flags(model_dir, data_file, b, steps=3, keep_last=2, **sinks), env=env)
     assert r.returncode == 0, r.stderr
-    with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # a crash after step 2 left a step-3 line behind
-        f.write(json.dumps(dict(step=3, reward=-1)) + "\n")
-    with open(os.path.join(b, "samples.jsonl"), "a") as f:  # ... and half a line, cut by the kill
+    shutil.rmtree(os.path.join(b, "step_000003"))  # the process died before its step-3 checkpoint: 3 is logged twice
+    with open(os.path.join(b, "samples.jsonl"), "a") as f:  # ... and a kill cut a line in half
         f.write('{"step": 3, "prompt": "What is')
-    r = run(flags(model_dir, data_file, b, steps=4, keep_last=1))
+    r = run(flags(model_dir, data_file, b, steps=4, keep_last=1, **sinks), env=env)
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
@@ -159,6 +222,35 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
     assert sorted(os.listdir(os.path.join(b, "step_000002"))) == ["model"]
     assert {"model", "optim.pt", "state.pt"} <= set(os.listdir(os.path.join(b, "step_000004")))
     assert not [d for d in os.listdir(b) if d.endswith(".tmp")]
+
+    # what the user sees: step k/N with the ETA, a silent-no-more update, the memory line, the end line, curves.png
+    assert "step 4/4 | reward" in r.stdout and "| elapsed " in r.stdout and "| eta 0s" in r.stdout
+    assert "update: " in r.stderr and "models loaded: peak memory" in r.stdout and "max RSS so far" in r.stdout
+    assert f"| run {b} | last checkpoint {b}/step_000004 | {b}/metrics.jsonl | {b}/curves.png" in r.stdout
+    assert open(os.path.join(b, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # TensorBoard: every metric at steps 1-4 once each (the restart purged the dead process's step 3), as metrics.jsonl
+    tb = tensorboard_events(os.path.join(b, "tb"))
+    for key in (k for k in mb[0] if k != "step"):
+        assert tb[f"train/{key}"] == [(m["step"], pytest.approx(m[key])) for m in mb], key
+    assert [step for step, _ in tb["samples/text_summary"]] == [1, 2, 3, 4]
+    assert mb[3]["reward"] == pytest.approx(tb["train/reward"][3][1]) and "gold `" in tb["samples/text_summary"][3][1]
+    assert [step for step, _ in tb["config/text_summary"]] == [0, 2] and '"kl_coef": 0.001' in tb["config/text_summary"][1][1]
+
+    # W&B offline: one run id (kept in OUT/wandb_id) over both processes; steps 1-3, then 4 only (W&B had step 3)
+    runs = sorted(glob.glob(os.path.join(b, "wandb", "offline-run-*", "run-*.wandb")))
+    run_id = open(os.path.join(b, "wandb_id")).read()
+    assert len(runs) == 2 and all(p.endswith(f"run-{run_id}.wandb") for p in runs)
+    (first, run1), (second, run2) = (wandb_history(p) for p in runs)
+    assert [s for s, _ in first] == [1, 2, 3] and [s for s, _ in second] == [4]
+    assert (run1.run_id, run1.project, run1.display_name, run2.run_id) == (run_id, "zoo", "b", run_id)
+    for step, logged in first + second:  # step 3: the dead process's values (timings differ, the rest is replayed)
+        assert {k for k in logged if k.startswith("train/")} == {f"train/{k}" for k in mb[0] if k != "step"}
+        assert all(logged[f"train/{k}"] == pytest.approx(v) for k, v in mb[step - 1].items()
+                   if k != "step" and not k.startswith(volatile))
+        assert logged["samples/_type"] == "table-file" and logged["samples/nrows"] == 4
+    config = {i.key: json.loads(i.value_json) for i in run2.config.update}
+    assert config["lr"] == 1e-3 and config["steps"] == 4 and config["wandb"] == "zoo"
 
 
 @pytest.mark.slow
@@ -183,6 +275,7 @@ def test_non_finite_steps_skip_the_update_and_stop_with_a_checkpoint(model_dir, 
     w0 = load_file(os.path.join(model_dir, "model.safetensors"))
     w3 = load_file(os.path.join(out, "step_000003", "model", "model.safetensors"))
     assert all(torch.equal(w0[k], w3[k]) for k in w0)  # no update was made
+    assert os.path.exists(os.path.join(out, "curves.png"))  # drawn with the stop's checkpoint (sys.exit: no end line)
     out0 = str(tmp_path / "nan_unsaved")  # --save_every=0 (benchmarks): no checkpoint, not even at the stop
     with pytest.raises(SystemExit, match="stopped at step 3"):
         train.main(flags(model_dir, data_file, out0, steps=10, save_every=0), score=nan)

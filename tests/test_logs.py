@@ -1,0 +1,53 @@
+"""logs.py: the step line's ETA, curves.png's panels, the sinks' names. Fast: no model, no training run."""
+import json
+from types import SimpleNamespace
+
+import logs
+import train
+from reward import Grade
+
+
+def test_step_line_counts_steps_and_estimates_the_time_left(tmp_path, monkeypatch, capsys):
+    """ETA = steps left x the mean wall time of this process's steps so far (here 30 s), also after a resume."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "time", lambda: clock[0])
+    ro = SimpleNamespace(prompt_ids=[[1, 2]] * 2, finish_reason=["stop", "length"])
+    tokenizer = SimpleNamespace(decode=lambda ids: "Q: 1 + 1?")
+    grades = [Grade(1.0, "2", True, "ok"), Grade(0.0, "", False, "ok")]
+    m = dict(step=0, reward=0.5, len_mean=7, clip_ratio=0.5, kl=0.0, entropy=1.0, grad_norm=0.3, t_step=30,
+             t_rollout=20, t_logprobs=1, t_update=9, peak_mem_gib=1.0)
+    for start, steps, lines in [(0, 100, ["step 1/100 ", "| elapsed 30s | eta 49m30s"]),
+                                (50, 100, ["step 51/100 ", "| elapsed 30s | eta 24m30s"])]:
+        out = tmp_path / f"from{start}"
+        out.mkdir()
+        rec = logs.start(train.Config(out=str(out), steps=steps), start)
+        clock[0] += 30
+        rec.log_step(dict(m, step=start + 1), ro, ["\\boxed{2}", "so"], grades, ["2", "2"], tokenizer)
+        printed = capsys.readouterr().out
+        assert all(s in printed for s in lines), printed
+    clock[0] += 2 * 3600 - 30  # this process's 2 steps took 2 h: 1 h each, 48 left
+    rec.log_step(dict(m, step=52), ro, ["a", "b"], grades, ["2", "2"], tokenizer)
+    assert "| elapsed 2h00m | eta 48h00m" in capsys.readouterr().out
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [51, 52]
+    assert [json.loads(l)["pred"] for l in open(out / "samples.jsonl")] == ["2", "", "2", ""]
+    assert [logs.duration(s) for s in (0, 59.9, 60, 3599, 3600, 86399)] == ["0s", "59s", "1m00s", "59m59s", "1h00m",
+                                                                           "23h59m"]
+
+
+def test_curves_have_the_training_panels_and_eval_accuracy(tmp_path):
+    rows = [dict(step=s, reward=s / 10, len_mean=20 - s, len_max=30, clip_ratio=0.1, kl=1e-3 * s, entropy=1.0,
+                 grad_norm=0.5, t_rollout=3.0, t_reward=0.1, t_logprobs=0.5, t_update=2.0) for s in range(1, 9)]
+    for r in rows[3::4]:
+        r["eval_math500"] = 10.0 * r["step"]  # --eval_every=4
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "rew')
+    titles = logs.plot_run(str(tmp_path))
+    assert titles == ["reward (mean)", "response length (tokens)", "clip ratio (cut at max length)",
+                      "KL to reference (per token)", "entropy (per token)", "grad norm (before clipping)",
+                      "seconds per step, by phase", "eval accuracy (%)"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert logs.series(rows, {"math500": "eval_math500", "max": "len_max"}) == {"math500": ([4, 8], [40.0, 80.0]),
+                                                                               "max": ([*range(1, 9)], [30] * 8)}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if "eval_math500" not in r))
+    assert "eval accuracy (%)" not in logs.plot_run(str(tmp_path))  # no --eval_every: no eval panel
+    assert [logs.sink_tag(k) for k in ("reward", "t_update", "eval_math500")] == \
+        ["train/reward", "train/t_update", "eval/math500"]
