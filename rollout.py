@@ -289,15 +289,18 @@ def kv_shape(model, S, cap, tp=1):
 
 def kv_slots(model, rows, prompt_len, cap, dtype, device, tp=1):
     """How many slots of `cap` tokens to allocate -> (S, line to print). CPU: one per row. CUDA: 90% of the free
-    memory (the allocator's cached blocks count as free) less a prefill's activations (bench/memory.py's estimate),
-    over a slot's KV bytes plus its share of the step's temporaries (~48 bytes per vocabulary entry: bf16 and fp32
-    logits, softmax, sort values and indices, cumsum, the race's noise, log-softmax)."""
+    memory less a prefill's activations (bench/memory.py's estimate), over a slot's KV bytes plus its share of the
+    step's temporaries (~56 bytes per vocabulary entry: bf16 and fp32 logits, softmax, sort values and indices,
+    cumsum, the race's float64 noise, log-softmax). Free = what the driver reports after the allocator has released
+    its unused blocks: blocks it cannot release (a segment still partly in use, e.g. by Adam's states placed in the
+    last rollout's freed cache) are fragments that one cache-sized allocation could not use anyway."""
     if device.type != "cuda":
         return rows, f"rollout: {rows} slots (one per row, CPU)"
     c = model.config
     L, _, _, _, Hkv, D = kv_shape(model, 1, cap, tp)
-    per_slot = cap * 2 * L * Hkv * D * dtype.itemsize + 48 * c.vocab_size
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    per_slot = cap * 2 * L * Hkv * D * dtype.itemsize + 56 * c.vocab_size
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
     prefill = prompt_len * (8 * c.hidden_size + 3 * c.intermediate_size) * 2
     S = max(0, min(rows, int((0.9 * free - prefill) // per_slot)))
     return S, (f"rollout: {S} slots for {rows} rows ({per_slot / 2**20:.0f} MiB per slot: KV of {cap} tokens + "
@@ -368,6 +371,8 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else next(model.parameters()).dtype  # K/V as the attention computes them (autocast: bf16)
+    out_tokens = torch.full((B + 1, M), pad_id, dtype=torch.long, device=device)  # (B + 1, M): row B is scratch
+    out_logprobs = torch.zeros((B + 1, M), device=device) if return_logprobs else None  # (allocated before sizing)
     S, line = (min(slots, B), f"rollout: {min(slots, B)} slots (given)") if slots else \
         kv_slots(model, B, max(map(len, prompts)), cap, dtype, device, tp)
     if tp_group is not None:  # ranks of a group run one schedule: the smallest budget of them
@@ -390,8 +395,6 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
 
     cache = torch.zeros(kv_shape(model, S, cap, tp), dtype=dtype, device=device)  # (layers, 2, S, cap, Hkv, D)
     st = SlotState.empty(S, B, device)
-    out_tokens = torch.full((B + 1, M), pad_id, dtype=torch.long, device=device)  # (B + 1, M): row B is scratch
-    out_logprobs = torch.zeros((B + 1, M), device=device) if return_logprobs else None
     is_stop = torch.zeros(max([model.config.vocab_size - 1, *stop_ids]) + 1, dtype=torch.bool, device=device)
     is_stop[stop_ids] = True
     args = (temperature, top_p, is_stop, tp_group)
@@ -409,9 +412,10 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
                 busy = len(keep)
                 gaps, movers = [s for s in range(busy) if ended[s]], [s for s in keep if s >= busy]
                 if movers:  # busy slots above the new top -> the gaps below it, with their live KV
-                    live = max(held[s][0] + t - held[s][1] for s in movers)
+                    for d, s in zip(gaps, movers):  # in place, slot by slot (no temporary of all their KV)
+                        live = held[s][0] + t - held[s][1]
+                        cache[:, :, d, :live].copy_(cache[:, :, s, :live])
                     dst, src = torch.tensor(gaps, device=device), torch.tensor(movers, device=device)
-                    cache[:, :, dst, :live] = cache[:, :, src, :live]
                     for x in (st.tok, st.pos, st.row, st.col):
                         x[dst] = x[src]
                     st.row[src], st.pos[src], st.col[src] = B, 0, 0

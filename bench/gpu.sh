@@ -4,7 +4,7 @@
 #   bash bench/gpu.sh --dry     # CPU: every part at toy size, to check that each command starts and runs (~5 min)
 # Needs only torch>=2.11, transformers>=5.17 and accelerate: no flash-attn, math-verify or network (random weights
 # from the Qwen2.5 configs' shapes). Parts run in order of importance, each under a timeout; a part that runs over is
-# cut and the next one starts (JSON lines printed before the cut stay in its log). The timeouts sum to 465 s.
+# cut and the next one starts (JSON lines printed before the cut stay in its log). The timeouts sum to 485 s.
 # Per-part times are ESTIMATES (no GPU was lent while this was written): they assume ~20 ms per eager HF decode step
 # (host-bound, 28 layers), ~2-8 ms per CUDA-graph step of "slots", ~10 s to build a random 7B on the GPU.
 set -u
@@ -43,6 +43,16 @@ fi
 echo "=== $(date -u) | $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
 python -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers",
 transformers.__version__, "| flash sdp", torch.backends.cuda.is_flash_attention_available())'
+
+# 0. MEMORY.md's risk 1: the second rollout's slot cache after the update placed persistent blocks (Adam's states)
+#    inside the first cache's freed segment, sized as rollout.kv_slots does (after empty_cache). Estimate 5 s.
+ALLOC='import torch
+free = lambda: (torch.cuda.empty_cache(), torch.cuda.mem_get_info()[0])[1]
+B = lambda n: torch.empty(int(n), dtype=torch.uint8, device="cuda")
+resident = B(0.25 * free()); kv = B(0.9 * free()); del kv
+acts = [B(2**28) for _ in range(40)]; adam = [B(2**26) for _ in range(56)]; del acts
+kv = B(0.9 * free()); print(f"second slot cache allocated: {kv.numel() / 2**30:.1f} GiB")'
+[ $DRY = 1 ] || part alloc 20 "5 s" python -c "$ALLOC"
 
 # 1. Engine "slots" on the GPU paths the CPU tests cannot reach: flash decode attention vs masked SDPA; CUDA graphs vs
 #    eager (identical greedy tokens), greedy vs "pad", decode log-probs vs a teacher-forced forward. Estimate 25 s.
