@@ -127,7 +127,8 @@ def inference_copy(config, device, dtype, tp=1):
         parallelize_module(model, mesh, plan)  # e.g. model.layers.*.self_attn.q_proj: ColwiseParallel()
         group = mesh.get_group()
     init_shards(model, None, device)
-    return model.eval(), group
+    model.tie_weights()  # (to_empty gave the tied input and output embeddings a tensor each)
+    return model.eval().requires_grad_(False), group
 
 
 @torch.no_grad()

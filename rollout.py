@@ -379,8 +379,6 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
         agreed = torch.tensor([S], device=device)
         torch.distributed.all_reduce(agreed, torch.distributed.ReduceOp.MIN, group=tp_group)
         S = int(agreed)
-    if not bar.disable:
-        print(line, flush=True)
     if S < G:
         raise ValueError(f"engine='slots': the KV budget holds {S} slots of {cap} tokens, fewer than the n={G} samples "
                          "of one prompt")
@@ -390,6 +388,9 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     from torch.distributed.fsdp import FSDPModule
     graphs = {} if flash and CUDA_GRAPHS and tp_group is None and \
         not any(isinstance(m, FSDPModule) for m in model.modules()) else None  # FSDP hooks, TP collectives: eager
+    attention = "sdpa" if not flash else "flash_attn_with_kvcache" if _flash_attn_with_kvcache() else "torch_flash"
+    if not bar.disable:
+        print(f"{line} | decode attention {attention}{' | CUDA graphs' if graphs is not None else ''}", flush=True)
     every = SYNC_EVERY.get(device.type, 1)
     grain = G * max(1, S // (16 * G))  # graphs: b rounded up to this, so at most ~16 graphs
 
@@ -447,7 +448,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
             t, row_steps, tokens = t + 1, row_steps + b, tokens + busy
     if stats is not None:
         stats.update(slots=S, decode_forwards=t, row_steps=row_steps, graphs=None if graphs is None else len(graphs),
-                     attention="sdpa" if not flash else "flash_attn" if _flash_attn_with_kvcache() else "torch_flash")
+                     attention=attention)
     tokens = out_tokens[:B]  # (B, M)
     R = int(response_mask(tokens, stop_ids)[1].max())  # the longest response
     return tokens[:, :R].cpu(), None if out_logprobs is None else out_logprobs[:B, :R].cpu()

@@ -407,7 +407,8 @@ def main(argv, score=None):
         distributed.load_training_state(run.ckpt, run.state, m.policy, optimizer, cfg)
         log(f"resuming from {run.ckpt} (step {start})")
     rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
-    log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0)")
+    log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
+        f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)

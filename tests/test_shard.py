@@ -244,3 +244,21 @@ dist.destroy_process_group()  # (left to interpreter exit, gloo aborted 1 run in
     r = run([str(script), "5"], launcher=launcher)
     assert r.returncode != 0 and "different latest checkpoints" in r.stderr and "steps 0 to 5" in r.stderr
     assert "agreed" not in r.stdout
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_inference_copy_computes_what_the_policy_does(tokenizer, tied):
+    """The rollout's copy (distributed.inference_copy + copy_weights, one process): the same logits as the policy's
+    model, tied input/output embeddings still one tensor (SmolLM2, Qwen2.5-0.5B/1.5B), and it follows an update."""
+    from distributed import copy_weights, inference_copy
+    from model import Policy
+    lm = make_model(tokenizer, tie_word_embeddings=tied)
+    copy, group = inference_copy(lm.config, torch.device("cpu"), torch.float32)
+    assert group is None and not any(p.requires_grad for p in copy.parameters())
+    ids = torch.tensor([tokenizer("What is 3 + 5?")["input_ids"]])
+    for _ in range(2):
+        copy_weights(Policy(lm), copy)
+        assert (copy.lm_head.weight is copy.model.embed_tokens.weight) == tied
+        with torch.no_grad():
+            assert torch.equal(copy(ids).logits, lm(ids).logits)
+            lm.model.embed_tokens.weight.add_(0.1)  # an "update": the next copy_weights must carry it
