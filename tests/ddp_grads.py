@@ -34,7 +34,8 @@ def grads(cfg, keep=None, mixed=False):
     policy = shard_model(Policy(make_model(tokenizer)), cfg, cuda=mixed, local_rank=0, world=world)
     tokens = torch.tensor(accumulate_gradients(policy, s, plan, w, world, cfg, cpu)["tokens"])
     dist.all_reduce(tokens)
-    full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in policy.parameters()]
+    full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()  # (DDP: views of buckets)
+            for p in policy.parameters()]
     dtypes = sorted({str(t.dtype) for p in policy.parameters() for t in (p, p.grad)})
     del policy  # a DDP reducer left for interpreter shutdown aborts the process now and then (gloo, torch 2.13)
     return full, dtypes, tokens.item()

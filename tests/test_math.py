@@ -131,17 +131,17 @@ def grads_for(policy, s, plan, cfg):
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("keep", [None, [True, False, True, True, False, True]], ids=["all", "filtered"])
 def test_loss_agg_gradient_by_hand(tokenizer, loss_agg, keep):
-    """The gradient of each --loss_agg, the responses left out by keep, split into 1 or 3 micro-batches, equals the
+    """The gradient of each --loss_agg, the responses left out by keep, in 1 or several micro-batches, equals the
     gradient of the issue's formula written out over one forward per response: token: all kept tokens' mean; seq:
     the mean over kept responses of each one's token mean; seq_sum_norm: the kept tokens' sum / (responses x 16).
-    Old log-probs near the policy's put ratios on both sides of the clip range [0.8, 1.28] (DAPO clip-higher)."""
+    Old log-probs put the ratios on both sides of the clip range [0.8, 1.28] and in DAPO's clip-higher band."""
     cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9, loss_agg=loss_agg, max_response_len=16,
                  clip_eps_high=0.28)
     policy, s, cpu = Policy(make_model(tokenizer)), make_samples(tokenizer, keep=keep), torch.device("cpu")
-    g = torch.Generator().manual_seed(1)
+    ratios = torch.tensor([0.7, 0.9, 1.1, 1.24, 1.4])  # 1.24: clipped at 1.2, not at 1.28
     with torch.no_grad():
-        s.old_logp = [lp - 0.3 + 0.6 * torch.rand(len(lp), generator=g) for lp in batch_logprobs(
-            policy, s, [[[i] for i in range(6)]], cfg.temperature, cpu)]  # ratios in [0.74, 1.35]
+        s.old_logp = [lp - ratios.log().repeat(4)[:len(lp)] for lp in batch_logprobs(
+            policy, s, [[[i] for i in range(6)]], cfg.temperature, cpu)]
     kept = [i for i in range(6) if s.keep[i]]
     policy.zero_grad()
     per_response = []  # (len_i,) per-token losses of each kept response, each from its own forward
