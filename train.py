@@ -197,15 +197,15 @@ def loss_weights(lengths, keep, loss_agg, max_response_len, n_tokens, n_response
     """lengths, keep (b,): response tokens, and False where a response is left out -> (b,) float64 weight w_i of
     each response in the mini-batch loss sum_i w_i * sum_t loss_it. n_tokens, n_responses: the kept tokens and
     responses of the whole mini-batch on all ranks (max 1: a mini-batch with nothing kept anywhere).
-      token (Zoo):         1 / n_tokens                          a mean over all tokens
-      seq (GRPO paper):    1 / (len_i * n_responses)             a mean over responses of each one's token mean
-      seq_sum_norm (Dr. GRPO): 1 / (n_responses * max_response_len)  a token sum over a constant
+      token (Zoo):              1 / n_tokens                           a mean over all tokens
+      seq (GRPO paper):         1 / (len_i * n_responses)              a mean over responses of their token means
+      seq_sum_norm (Dr. GRPO):  1 / (n_responses * max_response_len)   a token sum over a constant
     Left-out responses weigh 0."""
     if loss_agg == "token":
         w = torch.full(lengths.shape, 1 / max(n_tokens, 1), dtype=torch.float64)  # (b,)
     elif loss_agg == "seq":
         w = 1 / (lengths.double() * max(n_responses, 1))  # (b,)
-    else:
+    else:  # seq_sum_norm
         w = torch.full(lengths.shape, 1 / (max(n_responses, 1) * max_response_len), dtype=torch.float64)  # (b,)
     return torch.where(keep, w, 0.0)  # (b,)
 
