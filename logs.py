@@ -52,9 +52,11 @@ def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skippe
     """One metrics.jsonl row: sums over all ranks (every rank calls this), then means (loss stats: over the tokens
     trained on). times: the step's five timestamps (start, rollout, reward, log-probs, update done)."""
     G = cfg.samples_per_prompt
+    groups = rewards.view(-1, G)  # (B/G, G)
     tot = dict(zip(sums, distributed.all_sum(list(sums.values()), device)))
+    # zero-variance groups: all rewards equal, exactly (train.kept_responses' rule for --skip_zero_var)
     n_resp, reward_sum, zero_var, clip_n, len_sum, to_s, fail_n = distributed.all_sum([
-        len(grades), rewards.sum().item(), (rewards.view(-1, G).std(1) == 0).sum().item(),
+        len(grades), rewards.sum().item(), (groups == groups[:, :1]).all(1).sum().item(),
         sum(r == "length" for r in ro.finish_reason), ro.lengths.sum().item(),
         sum(g.status == "timeout" for g in grades), sum(g.status == "error" for g in grades)], device)
     lmax, lmin = ro.lengths.max().to(device), ro.lengths.min().to(device)  # (on the GPU for NCCL)
