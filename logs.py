@@ -97,12 +97,14 @@ def memory_meaning(device):
 
 def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skipped, times, seq_lens, rollout_mem,
                  device):
-    """One metrics.jsonl row: sums over all ranks (every rank calls this), then means. times: the step's five
-    timestamps (start, rollout, reward, log-probs, update done)."""
+    """One metrics.jsonl row: sums over all ranks (every rank calls this), then means (loss stats: over the tokens
+    trained on). times: the step's five timestamps (start, rollout, reward, log-probs, update done)."""
     G = cfg.samples_per_prompt
+    groups = rewards.view(-1, G)  # (B/G, G)
     tot = dict(zip(sums, distributed.all_sum(list(sums.values()), device)))
+    # zero-variance groups: all rewards equal, exactly (train.kept_responses' rule for --skip_zero_var)
     n_resp, reward_sum, zero_var, clip_n, len_sum, to_s, fail_n = distributed.all_sum([
-        len(grades), rewards.sum().item(), (rewards.view(-1, G).std(1) == 0).sum().item(),
+        len(grades), rewards.sum().item(), (groups == groups[:, :1]).all(1).sum().item(),
         sum(r == "length" for r in ro.finish_reason), ro.lengths.sum().item(),
         sum(g.status == "timeout" for g in grades), sum(g.status == "error" for g in grades)], device)
     lmax, lmin = ro.lengths.max().to(device), ro.lengths.min().to(device)  # (on the GPU for NCCL)
@@ -110,12 +112,15 @@ def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skippe
         dist.all_reduce(lmax, op=dist.ReduceOp.MAX)
         dist.all_reduce(lmin, op=dist.ReduceOp.MIN)
     t0, t1, t2, t3, t4 = times
+    n_tok = max(tot["tokens"], 1)  # 0 when --skip_zero_var / --mask_truncated left every response out
     return dict(step=step, epoch=round(epoch, 4), reward=reward_sum / n_resp,
                 zero_var_groups=zero_var / (n_resp / G), len_mean=len_sum / n_resp, len_max=int(lmax),
-                len_min=int(lmin), clip_ratio=clip_n / n_resp, pg_loss=tot["pg"] / tot["tokens"],
-                clip_frac=tot["clipped"] / tot["tokens"], kl=tot["kl"] / tot["tokens"],
-                entropy=tot["entropy"] / tot["tokens"], grad_norm=sum(grad_norms) / len(grad_norms), lr=cfg.lr,
-                skipped_updates=skipped, grade_timeouts=int(to_s), grade_errors=int(fail_n),
+                len_min=int(lmin), clip_ratio=clip_n / n_resp, pg_loss=tot["pg"] / n_tok,
+                clip_frac=tot["clipped"] / n_tok, kl=tot["kl"] / n_tok, entropy=tot["entropy"] / n_tok,
+                grad_norm=sum(grad_norms) / len(grad_norms), lr=cfg.lr, skipped_updates=skipped,
+                skipped_groups=int(zero_var) if cfg.skip_zero_var else 0,  # left out of the update (all ranks)
+                masked_responses=int(clip_n) if cfg.mask_truncated else 0,
+                grade_timeouts=int(to_s), grade_errors=int(fail_n),
                 t_rollout=t1 - t0, t_reward=t2 - t1, t_logprobs=t3 - t2, t_update=t4 - t3, t_step=t4 - t0,
                 gen_tok_s=ro.lengths.sum().item() / (t1 - t0), train_tok_s=sum(seq_lens) / (t4 - t3),
                 peak_mem_gib=max(rollout_mem, peak_memory_gib(device)), peak_mem_rollout_gib=rollout_mem)

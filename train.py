@@ -14,6 +14,10 @@ has a checkpoint resumes from it. --wandb=PROJECT and --tensorboard send the met
 Model loading is model.py; process groups, ZeRO sharding, the tensor-parallel rollout copy and checkpoints are
 distributed.py.
 
+Variants, each one flag whose default is the Zoo (README "Variants"): --clip_eps_high (DAPO clip-higher), --loss_agg
+(seq: GRPO paper, seq_sum_norm: Dr. GRPO), --adv_std=false (Dr. GRPO), --skip_zero_var and --mask_truncated (DAPO's
+filters: those responses are left out of the update and of its normaliser).
+
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
 mini-batch are the update forward's own (detached) log-probs, which is what a separate forward would compute; the
@@ -64,7 +68,12 @@ class Config:
     grad_clip: float = 1.0          # max global grad norm
     kl_coef: float = 1e-4           # beta of low_var_kl to the initial model (1e-3 for >14B); 0 = no reference model
     entropy_coef: float = 1e-3      # loss = pg - entropy_coef * entropy + kl_coef * kl
-    clip_eps: float = 0.2           # PPO ratio clip, symmetric
+    clip_eps: float = 0.2           # PPO ratio clip: the ratio is kept in [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: float = 0.0      # upper clip (DAPO clip-higher: 0.28); 0 = clip_eps (the Zoo's symmetric clip)
+    loss_agg: str = "token"         # normaliser: token (Zoo) | seq (GRPO paper) | seq_sum_norm (Dr. GRPO); loss_weights
+    adv_std: bool = True            # advantages (r - mean) / std (Zoo); false: r - mean (Dr. GRPO)
+    skip_zero_var: bool = False     # leave out groups whose rewards are all equal (DAPO dynamic sampling, filter form)
+    mask_truncated: bool = False    # leave out responses that hit max_response_len (DAPO overlong filtering)
     mini_batches: int = 4           # optimizer steps per rollout batch (1 pass over the data)
     micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
     grad_ckpt: bool = True          # gradient checkpointing in the update
@@ -118,6 +127,8 @@ def parse_config(argv):
         sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad, cb")
     if cfg.export_dtype not in ("auto", "bfloat16", "float16", "float32"):
         sys.exit(f"error: --export_dtype={cfg.export_dtype} is not one of auto, bfloat16, float16, float32")
+    if cfg.loss_agg not in ("token", "seq", "seq_sum_norm"):
+        sys.exit(f"error: --loss_agg={cfg.loss_agg} is not one of token, seq, seq_sum_norm")
     negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0]
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
@@ -157,24 +168,58 @@ def check_shape(cfg, world, per_node):
 # The math: pure functions of tensors (tests/test_math.py checks each against RECIPE.md).
 
 
-def group_advantages(rewards, group_size, eps=1e-6):
-    """rewards (B,) prompt-major -> (B,) advantages (r - mean) / (std + eps) within each group; std unbiased."""
+def group_advantages(rewards, group_size, std=True, eps=1e-6):
+    """rewards (B,) prompt-major -> (B,) advantages (r - mean) / (std + eps) within each group, std unbiased;
+    std=False (Dr. GRPO): r - mean."""
     r = rewards.view(-1, group_size)  # (B/G, G)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)  # (B,)
+    a = r - r.mean(1, keepdim=True)  # (B/G, G)
+    if std:
+        a = a / (r.std(1, keepdim=True) + eps)
+    return a.view(-1)  # (B,)
 
 
-def grpo_loss(logp, old_logp, ref_logp, entropy, adv, clip_eps, kl_coef, entropy_coef):
-    """All inputs (N,) per response token. Returns the SUM over tokens of
-    max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) - entropy_coef*H + kl_coef*low_var_kl, and per-token stats (N,)."""
+def kept_responses(rewards, truncated, group_size, skip_zero_var, mask_truncated):
+    """rewards, truncated (B,) prompt-major -> (B,) bool: the responses the update trains on (the Zoo: all).
+    skip_zero_var (DAPO dynamic sampling, filter form) leaves out groups whose rewards are all equal (advantage 0);
+    mask_truncated (DAPO overlong filtering) leaves out responses that hit max_response_len."""
+    keep = torch.ones_like(truncated)  # (B,) bool
+    if skip_zero_var:
+        r = rewards.view(-1, group_size)  # (B/G, G)
+        keep &= (r != r[:, :1]).any(1).repeat_interleave(group_size)  # (B,)
+    if mask_truncated:
+        keep &= ~truncated
+    return keep
+
+
+def grpo_loss(logp, old_logp, ref_logp, entropy, adv, clip_eps, clip_eps_high, kl_coef, entropy_coef):
+    """All inputs (N,) per response token. Returns the per-token loss (N,)
+    max(-A*rho, -A*clip(rho, 1-eps, 1+eps_high)) - entropy_coef*H + kl_coef*low_var_kl, and per-token stats (N,)."""
     ratio = (logp - old_logp).exp()  # (N,)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)  # (N,)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)  # (N,)
     pg = torch.maximum(pg1, pg2)  # (N,)
     kl = torch.zeros_like(logp)  # (N,)
     if ref_logp is not None:
         d = ref_logp - logp  # (N,)
         kl = (d.exp() - d - 1).clamp(-10, 10)  # low_var_kl (k3), clamped as in verl
     loss = pg - entropy_coef * entropy + kl_coef * kl  # (N,)
-    return loss.sum(), dict(pg=pg.detach(), clipped=(pg2 > pg1).float(), kl=kl.detach(), entropy=entropy.detach())
+    return loss, dict(pg=pg.detach(), clipped=(pg2 > pg1).float(), kl=kl.detach(), entropy=entropy.detach())
+
+
+def loss_weights(lengths, keep, loss_agg, max_response_len, n_tokens, n_responses):
+    """lengths, keep (b,): response tokens, and False where a response is left out -> (b,) float64 weight w_i of
+    each response in the mini-batch loss sum_i w_i * sum_t loss_it. n_tokens, n_responses: the kept tokens and
+    responses of the whole mini-batch on all ranks (max 1: a mini-batch with nothing kept anywhere).
+      token (Zoo):              1 / n_tokens                           a mean over all tokens
+      seq (GRPO paper):         1 / (len_i * n_responses)              a mean over responses of their token means
+      seq_sum_norm (Dr. GRPO):  1 / (n_responses * max_response_len)   a token sum over a constant
+    Left-out responses weigh 0."""
+    if loss_agg == "token":
+        w = torch.full(lengths.shape, 1 / max(n_tokens, 1), dtype=torch.float64)  # (b,)
+    elif loss_agg == "seq":
+        w = 1 / (lengths.double() * max(n_responses, 1))  # (b,)
+    else:  # seq_sum_norm
+        w = torch.full(lengths.shape, 1 / (max(n_responses, 1) * max_response_len), dtype=torch.float64)  # (b,)
+    return torch.where(keep, w, 0.0)  # (b,)
 
 
 # -----------------------------------------------------------------------------
@@ -187,6 +232,7 @@ class Samples:
     seqs: list             # B x (prompt_len + response_len,) long: prompt then response tokens, no padding
     prompt_lens: list      # B ints
     adv: torch.Tensor      # (B,) advantage of each response (every token gets it)
+    keep: torch.Tensor     # (B,) bool: trained on (False: left out by --skip_zero_var / --mask_truncated)
     old_logp: list         # B x (len_b,) log-probs before the update, or None where the update's own are used
     ref_logp: list         # B x (len_b,) reference log-probs, or None when kl_coef == 0
     pad_id: int
@@ -196,13 +242,13 @@ class Samples:
         return len(self.seqs[i]) - self.prompt_lens[i]
 
     @classmethod
-    def from_rollout(cls, ro, adv, pad_id, packed):
-        """A rollout.Rollout's rows and their advantages (B,); log-probs to be filled in."""
+    def from_rollout(cls, ro, adv, keep, pad_id, packed):
+        """A rollout.Rollout's rows, their advantages and keep flags (B,); log-probs to be filled in."""
         B = len(ro.prompt_ids)
         return cls(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
                          zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
-                   prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, old_logp=[None] * B, ref_logp=[None] * B,
-                   pad_id=pad_id, packed=packed)
+                   prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, keep=keep, old_logp=[None] * B,
+                   ref_logp=[None] * B, pad_id=pad_id, packed=packed)
 
 
 def sequence_logprobs(policy, s, idx, temperature, device):
@@ -235,12 +281,24 @@ def batch_logprobs(policy, s, plans, temperature, device):
     return out
 
 
-def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device, bar=None):
-    """Forward/backward each micro-batch of one mini-batch (plan = list of sample-index lists). The loss is a token
-    mean over the whole mini-batch on ALL ranks: each rank sums its per-token losses and divides by the global token
-    count n_tokens; DDP then AVERAGES gradients over ranks, so we scale by world to get sum_over_ranks / n_tokens.
-    DDP syncs gradients on the last micro-batch only; FSDP reduce-scatters (and averages) every micro-batch into
-    the sharded gradients. bar: a progress bar ticked per micro-batch. Returns summed per-token stats."""
+def mini_batch_weights(s, idx, cfg, device):
+    """-> (B,) loss weight of each sample of mini-batch idx (0 elsewhere): loss_weights, with the normaliser (kept
+    tokens and responses) counted over the whole mini-batch on all ranks, before its micro-batch loop."""
+    lens, keep = torch.tensor([s.response_len(i) for i in idx]), s.keep[idx]  # (b,) each
+    n_tokens, n_responses = distributed.all_sum([lens[keep].sum().item(), keep.sum().item()], device)
+    w = torch.zeros(len(s.seqs), dtype=torch.float64)  # (B,)
+    w[idx] = loss_weights(lens, keep, cfg.loss_agg, cfg.max_response_len, n_tokens, n_responses)
+    return w
+
+
+def accumulate_gradients(policy, s, plan, w, world, cfg, device, bar=None):
+    """Forward/backward each micro-batch of one mini-batch (plan = list of sample-index lists). The loss is
+    sum_i w_i * sum_t loss_it over the whole mini-batch on ALL ranks, w (B,) from mini_batch_weights (token mode:
+    w_i = 1 / the global token count): each rank backprops its own samples' part; DDP then AVERAGES gradients over
+    ranks, so we scale by world to get the sum over ranks. DDP syncs gradients on the last micro-batch only; FSDP
+    reduce-scatters (and averages) every micro-batch into the sharded gradients. A filler (one left-out sample,
+    weight 0: plan_micro_batches) keeps the ranks in step and adds nothing. bar: a progress bar ticked per
+    micro-batch. Returns summed per-token stats."""
     sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
     for k, mb in enumerate(plan):
         defer = isinstance(policy, DDP) and k < len(plan) - 1
@@ -250,22 +308,26 @@ def accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device, bar=None
             old = logp.detach() if s.old_logp[mb[0]] is None else torch.cat([s.old_logp[i] for i in mb]).to(device)
             ref = None if s.ref_logp[mb[0]] is None else torch.cat([s.ref_logp[i] for i in mb]).to(device)
             adv = torch.cat([s.adv[i].expand(s.response_len(i)) for i in mb]).to(device)  # (N_mb,)
-            loss, st = grpo_loss(logp, old, ref, entropy, adv, cfg.clip_eps, cfg.kl_coef, cfg.entropy_coef)
-            (loss * world / n_tokens).backward()
-        for key in ("pg", "clipped", "kl", "entropy"):
-            sums[key] += st[key].sum().item()
-        sums["tokens"] += len(logp)
+            w_tok = torch.cat([w[i].expand(s.response_len(i)) for i in mb]).to(device, torch.float32)  # (N_mb,)
+            loss, st = grpo_loss(logp, old, ref, entropy, adv, cfg.clip_eps, cfg.clip_eps_high or cfg.clip_eps,
+                                 cfg.kl_coef, cfg.entropy_coef)  # (N_mb,)
+            ((loss * w_tok).sum() * world).backward()
+        if s.keep[mb[0]]:  # (a filler's stats are not the update's)
+            for key in ("pg", "clipped", "kl", "entropy"):
+                sums[key] += st[key].sum().item()
+            sums["tokens"] += len(logp)
         if bar is not None:
             bar.update()
     return sums
 
 
-def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu"):
-    """Split samples idx into k chunks (sorted by length, near-equal counts) whose size (padded: count * longest;
-    packed: sum of lengths) fits the token budget; k is the max over ranks so every rank runs the same number of
-    forward/backward passes (FSDP gathers weights in each). device: where the process group's collectives run
-    (NCCL takes CUDA tensors only)."""
-    order = sorted(idx, key=lambda i: -seq_lens[i])
+def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu", keep=None):
+    """Split the samples of idx that keep marks ((B,) bool; None: all) into k chunks (sorted by length, near-equal
+    counts) whose size (padded: count * longest; packed: sum of lengths) fits the token budget; k is the max over
+    ranks so every rank runs the same number of forward/backward passes (FSDP gathers weights in each): a rank with
+    fewer kept samples than k fills each chunk it has nothing for with its shortest left-out sample (loss weight 0).
+    device: where the process group's collectives run (NCCL takes CUDA tensors only)."""
+    order = sorted((i for i in idx if keep is None or keep[i]), key=lambda i: -seq_lens[i])
     split = lambda k: [order[j * len(order) // k:(j + 1) * len(order) // k] for j in range(k)]
     size = lambda c: sum(seq_lens[i] for i in c) if packed else len(c) * seq_lens[c[0]]
     k = next((k for k in range(1, len(order) + 1) if all(size(c) <= budget for c in split(k))), len(order))
@@ -273,7 +335,8 @@ def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu")
         t = torch.tensor(k, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         k = int(t)
-    return split(min(k, len(order)))
+    filler = lambda: [min((i for i in idx if not keep[i]), key=lambda i: seq_lens[i])]
+    return [c or filler() for c in split(k)]
 
 
 def update(policy, optimizer, s, minis, plans, cfg, world, device, progress=False):
@@ -284,10 +347,9 @@ def update(policy, optimizer, s, minis, plans, cfg, world, device, progress=Fals
     grad_norms, skipped = [], 0
     bar = tqdm(total=sum(map(len, plans)), desc="update", unit="micro-batch", leave=False, disable=not progress)
     for mb_idx, plan in zip(minis, plans):
-        # the normaliser: response tokens of the whole mini-batch on all ranks
-        n_tokens = distributed.all_sum([sum(s.response_len(i) for i in mb_idx)], device)[0]
+        w = mini_batch_weights(s, mb_idx, cfg, device)  # (B,) the normaliser: the whole mini-batch on all ranks
         with autocast(device):
-            st = accumulate_gradients(policy, s, plan, n_tokens, world, cfg, device, bar)
+            st = accumulate_gradients(policy, s, plan, w, world, cfg, device, bar)
         sums = {k: sums[k] + st[k] for k in sums}
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -432,14 +494,17 @@ def main(argv, score=None):
         golds = [run.golds[i] for i in idx for _ in range(G)]
         grades = score(texts, golds)
         rewards = torch.tensor([g.reward for g in grades])  # (B,)
-        adv = group_advantages(rewards, G)  # (B,)
+        adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
+        truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
+        keep = kept_responses(rewards, truncated, G, cfg.skip_zero_var, cfg.mask_truncated)  # (B,) the Zoo: all
         times.append(time.time())
 
-        # 3. Old and reference log-probs (mini-batches are contiguous runs of whole prompt groups).
-        s = Samples.from_rollout(ro, adv, tokenizer.pad_token_id, m.packed)
+        # 3. Old and reference log-probs of the kept samples (mini-batches are contiguous runs of whole prompt groups).
+        s = Samples.from_rollout(ro, adv, keep, tokenizer.pad_token_id, m.packed)
         B, seq_lens, k = len(s.seqs), [len(x) for x in s.seqs], cfg.mini_batches
         minis = [list(range(j * B // k, (j + 1) * B // k)) for j in range(k)]  # sample indices of each mini-batch
-        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, m.packed, device) for mb in minis]
+        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, m.packed, device, keep)
+                 for mb in minis]
         with autocast(device):
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
             s.old_logp = batch_logprobs(m.policy, s, plans[1:], cfg.temperature, device)

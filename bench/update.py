@@ -25,7 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Policy, attention_impl  # noqa: E402
-from train import Config, Samples, accumulate_gradients, plan_micro_batches  # noqa: E402
+from train import Config, Samples, accumulate_gradients, mini_batch_weights, plan_micro_batches  # noqa: E402
 
 SHAPES = {  # Qwen2.5 config.json values (no download)
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -68,9 +68,10 @@ def main():
     policy, cfg = Policy(lm), Config(kl_coef=0.0)
     for packed in (False, True):
         s = Samples(seqs=seqs, prompt_lens=[200] * a.samples, adv=torch.randn(a.samples, generator=g),
-                    old_logp=[None] * a.samples, ref_logp=[None] * a.samples, pad_id=0, packed=packed)
+                    keep=torch.ones(a.samples, dtype=torch.bool), old_logp=[None] * a.samples,
+                    ref_logp=[None] * a.samples, pad_id=0, packed=packed)
         plan = plan_micro_batches(list(range(a.samples)), [len(x) for x in seqs], a.micro_batch_tokens, 1, packed)
-        n_tokens = sum(rlens)
+        w = mini_batch_weights(s, list(range(a.samples)), cfg, device)  # (samples,) token mean: 1 / sum(rlens)
         times = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()  # peak_mem_gib: this mode's
@@ -80,7 +81,7 @@ def main():
                 torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                accumulate_gradients(policy, s, plan, n_tokens, 1, cfg, device)
+                accumulate_gradients(policy, s, plan, w, 1, cfg, device)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)

@@ -87,8 +87,8 @@ def test_decode_logprobs_equal_training_forward(tokenizer, engine, top_p):
     B = len(ro.prompt_ids)
     s = Samples(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
                       zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
-                prompt_lens=[len(p) for p in ro.prompt_ids], adv=torch.zeros(B), old_logp=[None] * B,
-                ref_logp=[None] * B, pad_id=0)
+                prompt_lens=[len(p) for p in ro.prompt_ids], adv=torch.zeros(B), keep=torch.ones(B, dtype=torch.bool),
+                old_logp=[None] * B, ref_logp=[None] * B, pad_id=0)
     with torch.no_grad():
         logp, _ = sequence_logprobs(Policy(model), s, list(range(B)), T, torch.device("cpu"))
     decode = ro.logprobs[ro.response_mask]  # (N,) row-major = the same order

@@ -1,4 +1,5 @@
-"""The pure math of train.py against RECIPE.md, and the micro-batch split invariance of the update."""
+"""The pure math of train.py against RECIPE.md and the variants' papers, and the micro-batch and rank split
+invariance of the update in every --loss_agg mode."""
 import os
 import subprocess
 
@@ -8,7 +9,16 @@ import torch
 from conftest import make_model
 from model import Policy, token_logprobs
 from train import (Config, Samples, accumulate_gradients, batch_logprobs, group_advantages, grpo_loss,
-                   plan_micro_batches, sequence_logprobs)
+                   kept_responses, loss_weights, mini_batch_weights, plan_micro_batches, sequence_logprobs, update)
+
+LOSS_AGGS = ["token", "seq", "seq_sum_norm"]
+# make_samples(B=6) over 2 ranks: rank 0 takes samples 0, 2, 4, rank 1 takes 1, 3, 5 and keeps none (ddp_grads.py:
+# rank 0 trains 2 micro-batches, rank 1 runs 2 filler passes)
+KEEP_NONE_ON_RANK_1 = [True, False, False, False, True, False]
+# test_rank_split_invariance's cases: tests/ddp_grads.py computes each on 2 ranks, name -> (loss_agg, shard, keep)
+RANK_CASES = {f"{agg}-{shard}-{kept}": (agg, shard, keep) for agg in LOSS_AGGS for shard, kept, keep in
+              [("ddp", "all", None), ("ddp", "rank1_none", KEEP_NONE_ON_RANK_1),
+               ("zero3", "rank1_none", KEEP_NONE_ON_RANK_1)]}
 
 
 def test_group_advantages_zero_mean_unbiased_std():
@@ -24,6 +34,9 @@ def test_group_advantages_zero_mean_unbiased_std():
     # one correct of 8: mean 1/8, unbiased std sqrt(1/8 * 7/8 * 8/7) = sqrt(1/8)
     one = torch.tensor([1.0] + [0.0] * 7)
     assert abs(group_advantages(one, 8)[0].item() - (7 / 8) / (1 / 8) ** 0.5) < 1e-4
+    # Dr. GRPO (--adv_std=false): r - mean, not divided by the std
+    assert torch.allclose(group_advantages(one, 8, std=False), torch.tensor([7 / 8] + [-1 / 8] * 7))
+    assert torch.allclose(group_advantages(r, 8, std=False).view(6, 8), r.view(6, 8) - r.view(6, 8).mean(1, True))
 
 
 def test_loss_matches_recipe_transcription():
@@ -32,21 +45,26 @@ def test_loss_matches_recipe_transcription():
     logp, old, ref = -torch.rand(N) * 3, -torch.rand(N) * 3, -torch.rand(N) * 3
     ent, adv = torch.rand(N) * 5, torch.randn(N)
     eps, beta, c_ent = 0.2, 1e-3, 1e-3
-    loss, st = grpo_loss(logp, old, ref, ent, adv, eps, beta, c_ent)
-    expected = 0.0
-    for i in range(N):  # RECIPE.md, one token at a time
-        rho = float(torch.exp(logp[i] - old[i]))
-        A = float(adv[i])
-        pg = max(-A * rho, -A * min(max(rho, 1 - eps), 1 + eps))
-        x = float(ref[i] - logp[i])
-        kl = min(max(torch.exp(torch.tensor(x)).item() - x - 1, -10), 10)
-        expected += pg - c_ent * float(ent[i]) + beta * kl
-    assert abs(loss.item() - expected) < 1e-3 * max(1.0, abs(expected))
-    assert 0 < st["clipped"].mean() < 1
+    totals = []
+    for eps_high in (eps, 0.28):  # the Zoo's symmetric clip, DAPO's clip-higher
+        loss, st = grpo_loss(logp, old, ref, ent, adv, eps, eps_high, beta, c_ent)
+        expected = 0.0
+        for i in range(N):  # RECIPE.md, one token at a time
+            rho = float(torch.exp(logp[i] - old[i]))
+            A = float(adv[i])
+            pg = max(-A * rho, -A * min(max(rho, 1 - eps), 1 + eps_high))
+            x = float(ref[i] - logp[i])
+            kl = min(max(torch.exp(torch.tensor(x)).item() - x - 1, -10), 10)
+            expected += pg - c_ent * float(ent[i]) + beta * kl
+        assert loss.shape == (N,) and abs(loss.sum().item() - expected) < 1e-3 * max(1.0, abs(expected))
+        assert 0 < st["clipped"].mean() < 1
+        totals.append(expected)
+    assert abs(totals[0] - totals[1]) > 1.0  # the upper bound mattered
     # kl clamp at 10 and no reference -> no kl
-    big, _ = grpo_loss(torch.zeros(1), torch.zeros(1), torch.full((1,), 30.0), torch.zeros(1), torch.zeros(1), 0.2, 1.0, 0)
+    big, _ = grpo_loss(torch.zeros(1), torch.zeros(1), torch.full((1,), 30.0), torch.zeros(1), torch.zeros(1), 0.2, 0.2,
+                       1.0, 0)
     assert big.item() == 10.0
-    none, st = grpo_loss(logp, old, None, ent, adv, eps, beta, c_ent)
+    none, st = grpo_loss(logp, old, None, ent, adv, eps, eps, beta, c_ent)
     assert torch.equal(st["kl"], torch.zeros(N))
 
 
@@ -64,7 +82,29 @@ def test_token_logprobs_equals_full_log_softmax():
     assert torch.allclose(g1, g2, atol=1e-5)
 
 
-def make_samples(tokenizer, B=6, seed=0):
+def test_kept_responses_by_hand():
+    rewards = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0])  # G = 4: all correct, one correct, none
+    truncated = torch.tensor([0, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0]).bool()
+    T, F = True, False
+    assert kept_responses(rewards, truncated, 4, False, False).all()  # the Zoo keeps everything
+    assert kept_responses(rewards, truncated, 4, True, False).tolist() == [F] * 4 + [T] * 4 + [F] * 4
+    assert kept_responses(rewards, truncated, 4, False, True).tolist() == (~truncated).tolist()
+    assert kept_responses(rewards, truncated, 4, True, True).tolist() == [F] * 4 + [T, T, F, T] + [F] * 4
+
+
+def test_loss_weights_by_hand():
+    """3 responses of 2, 3 and 5 tokens on this rank, the last one left out; another rank holds 1 kept response of 4
+    tokens, so the mini-batch has 9 kept tokens in 3 kept responses; max_response_len 8."""
+    lens, keep = torch.tensor([2, 3, 5]), torch.tensor([True, True, False])
+    w = {agg: loss_weights(lens, keep, agg, 8, n_tokens=9, n_responses=3).tolist() for agg in LOSS_AGGS}
+    assert w["token"] == pytest.approx([1 / 9, 1 / 9, 0])  # sum_i sum_t loss / 9
+    assert w["seq"] == pytest.approx([1 / (2 * 3), 1 / (3 * 3), 0])  # (mean_t loss_1 + mean_t loss_2 + ...) / 3
+    assert w["seq_sum_norm"] == pytest.approx([1 / (3 * 8), 1 / (3 * 8), 0])  # sum_i sum_t loss / (3 * 8)
+    nothing = torch.tensor([False, False, False])  # nothing kept on any rank: no loss, and no division by 0
+    assert all(loss_weights(lens, nothing, agg, 8, 0, 0).tolist() == [0, 0, 0] for agg in LOSS_AGGS)
+
+
+def make_samples(tokenizer, B=6, seed=0, keep=None):
     g = torch.Generator().manual_seed(seed)
     V = len(tokenizer)
     seqs, plens = [], []
@@ -75,19 +115,60 @@ def make_samples(tokenizer, B=6, seed=0):
     rl = [len(x) - p for x, p in zip(seqs, plens)]
     old = [-torch.rand(n, generator=g) * 4 for n in rl]
     ref = [-torch.rand(n, generator=g) * 4 for n in rl]
-    return Samples(seqs=seqs, prompt_lens=plens, adv=torch.randn(B, generator=g), old_logp=old, ref_logp=ref,
-                   pad_id=tokenizer.pad_token_id)
+    keep = torch.ones(B, dtype=torch.bool) if keep is None else torch.tensor(keep)
+    return Samples(seqs=seqs, prompt_lens=plens, adv=torch.randn(B, generator=g), keep=keep, old_logp=old,
+                   ref_logp=ref, pad_id=tokenizer.pad_token_id)
 
 
 def grads_for(policy, s, plan, cfg):
+    """Gradients of one mini-batch, all of s's samples, run as the micro-batches of plan."""
     policy.zero_grad()
-    n_tokens = sum(s.response_len(i) for mb in plan for i in mb)
-    accumulate_gradients(policy, s, plan, n_tokens, 1, cfg, torch.device("cpu"))
+    w = mini_batch_weights(s, list(range(len(s.seqs))), cfg, torch.device("cpu"))  # (B,)
+    accumulate_gradients(policy, s, plan, w, 1, cfg, torch.device("cpu"))
     return [p.grad.clone() for p in policy.parameters()]
 
 
-def test_micro_batch_split_invariance(tokenizer):
-    cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("keep", [None, [True, False, True, True, False, True]], ids=["all", "filtered"])
+def test_loss_agg_gradient_by_hand(tokenizer, loss_agg, keep):
+    """The gradient of each --loss_agg, the responses left out by keep, in 1 or several micro-batches, equals the
+    gradient of the issue's formula written out over one forward per response: token: all kept tokens' mean; seq:
+    the mean over kept responses of each one's token mean; seq_sum_norm: the kept tokens' sum / (responses x 16).
+    Old log-probs put the ratios on both sides of the clip range [0.8, 1.28] and in DAPO's clip-higher band."""
+    cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9, loss_agg=loss_agg, max_response_len=16,
+                 clip_eps_high=0.28)
+    policy, s, cpu = Policy(make_model(tokenizer)), make_samples(tokenizer, keep=keep), torch.device("cpu")
+    ratios = torch.tensor([0.7, 0.9, 1.1, 1.24, 1.4])  # 1.24: clipped at 1.2, not at 1.28
+    with torch.no_grad():
+        s.old_logp = [lp - ratios.log().repeat(4)[:len(lp)] for lp in batch_logprobs(
+            policy, s, [[[i] for i in range(6)]], cfg.temperature, cpu)]
+    kept = [i for i in range(6) if s.keep[i]]
+    policy.zero_grad()
+    per_response = []  # (len_i,) per-token losses of each kept response, each from its own forward
+    for i in kept:
+        logp, ent = sequence_logprobs(policy, s, [i], cfg.temperature, cpu)
+        loss, _ = grpo_loss(logp, s.old_logp[i], s.ref_logp[i], ent, s.adv[i].expand(len(logp)), 0.2, 0.28,
+                            cfg.kl_coef, cfg.entropy_coef)
+        per_response.append(loss)
+    if loss_agg == "token":
+        total = torch.cat(per_response).sum() / sum(len(x) for x in per_response)
+    elif loss_agg == "seq":
+        total = sum(x.mean() for x in per_response) / len(per_response)
+    else:
+        total = sum(x.sum() for x in per_response) / (len(per_response) * 16)
+    total.backward()
+    expected = [p.grad.clone() for p in policy.parameters()]
+    seq_lens = [len(x) for x in s.seqs]
+    for budget in (10_000, max(seq_lens)):  # 1 micro-batch, then one or two samples per micro-batch
+        plan = plan_micro_batches(list(range(6)), seq_lens, budget, world=1, keep=s.keep)
+        assert (len(plan) == 1) == (budget == 10_000) and sorted(i for mb in plan for i in mb) == kept
+        for a, b in zip(expected, grads_for(policy, s, plan, cfg)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_micro_batch_split_invariance(tokenizer, loss_agg):
+    cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9, loss_agg=loss_agg)
     policy = Policy(make_model(tokenizer))
     s = make_samples(tokenizer)
     seq_lens = [len(x) for x in s.seqs]
@@ -108,18 +189,44 @@ def test_micro_batch_plan_respects_budget():
     assert len(plan_micro_batches([0, 1], [500, 500], budget=100, world=1)) == 2  # a sample over budget runs alone
 
 
-@pytest.mark.slow
-def test_rank_split_invariance(tokenizer, tmp_path):
-    """The same 6 samples give the same gradient on 1 process as split over 2 DDP ranks (gloo)."""
-    out = tmp_path / "grads.pt"
+@pytest.fixture(scope="module")
+def two_rank_grads(tmp_path_factory):
+    """tests/ddp_grads.py's gradients of every RANK_CASES case on 2 gloo ranks (one torchrun for all of them)."""
+    out = tmp_path_factory.mktemp("ranks") / "grads.pt"
     r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", os.path.join(os.path.dirname(__file__), "ddp_grads.py"),
                         "ddp", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    policy = Policy(make_model(tokenizer))
-    s = make_samples(tokenizer, B=6)
-    single = grads_for(policy, s, [list(range(6))], Config(kl_coef=1e-3, temperature=0.9))
-    for a, b in zip(single, torch.load(out)):
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", RANK_CASES)
+def test_rank_split_invariance(tokenizer, two_rank_grads, case):
+    """The same 6 samples give the same gradient on 1 process as split over 2 ranks (gloo), in every --loss_agg mode;
+    rank1_none: responses left out (--skip_zero_var / --mask_truncated) leave rank 1 nothing to train, so it runs
+    filler passes only, as many as rank 0 runs (DDP and zero3, whose forwards gather weights)."""
+    loss_agg, _, keep = RANK_CASES[case]
+    cfg = Config(kl_coef=1e-3, temperature=0.9, loss_agg=loss_agg)
+    policy, s = Policy(make_model(tokenizer)), make_samples(tokenizer, B=6, keep=keep)
+    single = grads_for(policy, s, plan_micro_batches(list(range(6)), [len(x) for x in s.seqs], 10_000, 1,
+                                                      keep=s.keep), cfg)
+    assert any(g.abs().sum() > 0 for g in single)
+    grads, tokens = two_rank_grads[case]
+    for a, b in zip(single, grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert tokens == sum(s.response_len(i) for i in range(6) if s.keep[i])  # the stats leave the fillers out
+
+
+def test_update_with_nothing_kept(tokenizer):
+    """Every response left out (e.g. all groups solved): no forward, no gradient, no change, and no division by 0."""
+    cfg = Config(kl_coef=1e-3, temperature=0.9, skip_zero_var=True)
+    policy, s = Policy(make_model(tokenizer)), make_samples(tokenizer, B=6, keep=[False] * 6)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.1)
+    before = [p.detach().clone() for p in policy.parameters()]
+    plans = [plan_micro_batches(list(range(6)), [len(x) for x in s.seqs], 10_000, 1, keep=s.keep)]
+    sums, grad_norms, skipped = update(policy, optimizer, s, [list(range(6))], plans, cfg, 1, torch.device("cpu"))
+    assert plans == [[]] and sums["tokens"] == 0 and grad_norms == [0.0] and skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
 def test_bf16_autocast_update_matches_fp32(tokenizer):

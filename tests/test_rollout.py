@@ -17,8 +17,8 @@ def test_decode_logprobs_equal_training_forward(tokenizer):
     assert ro.response_ids.shape[0] == 9 and ro.prompt_ids[3] == prompts[1]  # prompt-major: rows 3..5 = prompt 1
     s = Samples(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
                       zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
-                prompt_lens=[len(p) for p in ro.prompt_ids], adv=torch.zeros(9), old_logp=[None] * 9,
-                ref_logp=[None] * 9, pad_id=tokenizer.pad_token_id)
+                prompt_lens=[len(p) for p in ro.prompt_ids], adv=torch.zeros(9), keep=torch.ones(9, dtype=torch.bool),
+                old_logp=[None] * 9, ref_logp=[None] * 9, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
         logp, _ = sequence_logprobs(Policy(model), s, list(range(9)), T, torch.device("cpu"))
     decode = ro.logprobs[ro.response_mask]  # (N,) row-major = the same order

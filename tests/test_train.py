@@ -61,7 +61,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
                      ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1"),
                      ("--grad_clip=0", "grad_clip must be > 0"), ("--lr=nan", "not a finite number"),
                      ("--temperature=inf", "not a finite number"), ("--cb_memory=1.5", "cb_memory must be in"),
-                     ("--cb_memory=-0.5", "must be >= 0")]:
+                     ("--cb_memory=-0.5", "must be >= 0"), ("--clip_eps_high=-0.1", "must be >= 0"),
+                     ("--loss_agg=mean", "--loss_agg=mean is not one of token, seq, seq_sum_norm")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
@@ -72,6 +73,12 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
     assert cfg.shard == "zero3" and train.parse_config(["--preset=0.5b"]).shard == "ddp"
     assert train.parse_config(["--preset=32b"]).kl_coef == 1e-3
     assert train.parse_config(["--preset=math-7b"]).max_response_len == 3072
+    assert (cfg.clip_eps_high, cfg.loss_agg, cfg.adv_std, cfg.skip_zero_var, cfg.mask_truncated) == \
+        (0.0, "token", True, False, False)  # the Zoo: symmetric clip, token mean, std-normalised, nothing left out
+    v = train.parse_config(["--clip_eps_high=0.28", "--loss_agg=seq_sum_norm", "--adv_std=false", "--skip_zero_var",
+                            "--mask_truncated"])
+    assert (v.clip_eps_high, v.loss_agg, v.adv_std, v.skip_zero_var, v.mask_truncated) == \
+        (0.28, "seq_sum_norm", False, True, True)
     with pytest.raises(SystemExit, match="needs --engine=slots"):
         train.parse_config(["--gen_tp=2", "--engine=pad"])
     with pytest.raises(SystemExit, match="--rollout_slots is for --engine=slots"):
@@ -251,6 +258,22 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
         assert logged["samples/_type"] == "table-file" and logged["samples/nrows"] == 4
     config = {i.key: json.loads(i.value_json) for i in run2.config.update}
     assert config["lr"] == 1e-3 and config["steps"] == 4 and config["wandb"] == "zoo"
+
+
+@pytest.mark.slow
+def test_variant_flags_run_and_count_what_they_leave_out(model_dir, data_file, tmp_path):
+    """Every variant at once (README "Variants"): the run trains, and the metrics count the groups and responses
+    left out of the update (zero-variance groups; truncated responses: those that hit max_response_len)."""
+    out = str(tmp_path / "variants")
+    parity = lambda responses, golds: [Grade(float(len(r) % 2), "", False, "ok") for r in responses]  # mixed groups
+    train.main(flags(model_dir, data_file, out, max_response_len=40, clip_eps_high=0.28, loss_agg="seq_sum_norm",
+                     adv_std="false", skip_zero_var="true", mask_truncated="true", save_every=0), score=parity)
+    m = metrics(out)
+    assert [x["step"] for x in m] == [1, 2] and all(x["skipped_updates"] == 0 for x in m)
+    for x in m:  # 4 groups of 4 responses per step
+        assert x["skipped_groups"] == round(4 * x["zero_var_groups"]) and x["masked_responses"] == \
+            round(16 * x["clip_ratio"])
+    assert 0 < sum(x["masked_responses"] for x in m) < 32 and any(x["grad_norm"] > 0 for x in m), m
 
 
 @pytest.mark.slow
