@@ -40,6 +40,18 @@ else
   STEP="--model_config=qwen2.5-1.5b --nproc=1 -- --shard=ddp --prompts_per_step=8 --max_response_len=256"
 fi
 
+# math-verify (the grader: train.py and bench/update.py import it) is not on the lent GPU machine: carry its wheels in
+# .whl/ (git-ignored: `echo /.whl/ >> .git/info/exclude`), made on a machine with a package index by
+#   pip download --no-deps -d .whl math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+# and name .whl in the device tool's `carry`; they are installed here into /tmp/site.
+if ! python -c "import math_verify" 2>/dev/null; then
+  if [ -d .whl ]; then
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  else
+    echo "=== warning: math-verify is missing and there is no .whl/ to install it from: parts 5-7 will fail"
+  fi
+fi
+
 echo "=== $(date -u) | $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
 python -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers",
 transformers.__version__, "| flash sdp", torch.backends.cuda.is_flash_attention_available())'
