@@ -126,6 +126,7 @@ def inference_copy(config, device, dtype, tp=1):
         parallelize_module(model, mesh, plan)  # e.g. model.layers.*.self_attn.q_proj: ColwiseParallel()
         group = mesh.get_group()
     init_shards(model, None, device)
+    model.tie_weights()  # to_empty (in init_shards) gave a tied lm_head storage of its own, which copy_weights skips
     return model.eval(), group
 
 
