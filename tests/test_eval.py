@@ -126,6 +126,20 @@ def test_regrade_gives_the_known_accuracy(tmp_path, capsys):
     assert (tmp_path / "out" / "summary.md").read_text().startswith("| benchmark |")
 
 
+def test_arith_benchmark_grades_a_right_and_a_wrong_answer(tmp_path, capsys):
+    """The built-in "arith" benchmark (data.arith_split("test"), no file) through eval.py's grading: a right answer
+    counts, a wrong one does not."""
+    problems = ev.load_benchmark(str(tmp_path / "nowhere"), "arith")
+    assert len(problems) == 100 and ev.load_benchmark("", "arith", limit=3) == problems[:3]
+    assert problems[1] == dict(benchmark="arith", idx=1, question="What is 23 + 77?", gold="100")
+    rows = [dict(p, responses=[f"{p['question'][8:-1]} = {answer}<|im_end|>"])  # 37 + 54 = 81: the carry dropped
+            for p, answer in zip(problems[1:3], ["100", "81"])]
+    ev.main([f"--regrade={write_jsonl(tmp_path / 'gen.jsonl', rows)}", f"--out={tmp_path / 'out'}"])
+    graded = [json.loads(l) for l in open(tmp_path / "out" / "generations.jsonl")]
+    assert [(r["gold"], r["preds"], r["correct"]) for r in graded] == [("100", ["100"], [1]), ("91", ["81"], [0])]
+    assert json.load(open(tmp_path / "out" / "summary.json"))["arith"]["acc"] == 50.0
+
+
 @pytest.mark.slow
 def test_tiny_model_end_to_end(model_dir, tokenizer, bench_dir, tmp_path):
     out = str(tmp_path / "out")
@@ -234,6 +248,32 @@ def test_checkpoints_of_a_run_curves_and_skip(tokenizer, bench_dir, tmp_path, ca
     assert "eval 1 model(s)" in capsys.readouterr().out  # steps 2 and 4 are skipped
     assert {s: os.stat(run / "eval" / f"step_{s:06d}" / "summary.json").st_mtime_ns for s in (2, 4)} == done
     assert json.load(open(run / "eval" / "step_000006" / "config.json"))["template"] == "qwen-boxed"
+
+
+@pytest.mark.slow
+def test_checkpoints_start_at_the_run_initial_model_in_one_table(model_dir, tokenizer, tmp_path, capsys):
+    """--checkpoints: step 0 is the run's --model (RUN_DIR/config.json), in RUN_DIR/eval/step_000000 unless done;
+    one table across the steps (printed and RUN_DIR/eval/summary.md), none per checkpoint; train.py's step-0 row of
+    metrics.jsonl (evals only) does not break the curves."""
+    run = tmp_path / "run"
+    make_model(tokenizer, seed=2).save_pretrained(run / "step_000002" / "model")
+    tokenizer.save_pretrained(run / "step_000002" / "model")
+    json.dump(dict(config=dict(model=model_dir, template="chatml-short")), open(run / "config.json", "w"))
+    write_jsonl(run / "metrics.jsonl", [dict(step=0, eval_arith=0.0, t_eval=1.0),
+                                        *(dict(step=s, len_mean=9.0, clip_ratio=0.5) for s in (1, 2))])
+    args = [f"--checkpoints={run}", "--benchmarks=arith", "--limit=2", "--max_new_tokens=6"]
+    ev.main(args)
+    out = capsys.readouterr().out
+    assert "eval 2 model(s)" in out and out.count("| benchmark |") == 1  # one table, not one per checkpoint
+    assert json.load(open(run / "eval" / "step_000000" / "config.json"))["model"] == model_dir
+    assert json.load(open(run / "eval" / "step_000000" / "summary.json"))["arith"]["count"] == 2
+    table = (run / "eval" / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| step | benchmark | acc | clip % | stop len | box % |") and len(table) == 4
+    assert [l.split(" | ")[:2] for l in table[2:]] == [["| 0", "arith"], ["| 2", "arith"]]
+    assert "\n".join(table) in out and (run / "eval" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    ev.main(args)  # both done: nothing evaluated, the same table
+    out = capsys.readouterr().out
+    assert "eval 0 model(s)" in out and "\n".join(table) in out
 
 
 def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):
