@@ -3,6 +3,7 @@
     logs.start(cfg, start_step)        # config.json; a resumed run drops log lines written after its checkpoint
     m = logs.step_metrics(...)         # every rank: the step's metrics, summed over ranks
     logs.log_step(out, metrics, ...)   # the step line, a metrics.jsonl row, a few completions in samples.jsonl
+    logs.log_step(out, dict(step=0, **evals))   # step 0: the initial model's evals alone (train.py --eval_every)
 """
 import dataclasses
 import json
@@ -19,7 +20,8 @@ import distributed
 
 def start(cfg, start):
     """Rank 0: config.json (the config that runs, argv, versions, git hash); the metrics.jsonl and samples.jsonl
-    lines of steps after `start`, the checkpoint we resume from, are dropped."""
+    lines of steps after `start`, the checkpoint we resume from, are dropped (all of them when start is 0: a run
+    that begins again also redoes its step-0 eval)."""
     import transformers
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -33,7 +35,7 @@ def start(cfg, start):
         path = os.path.join(cfg.out, name)
         if os.path.exists(path):
             kept = [l for l in open(path)  # (a line cut short by a kill has no newline)
-                    if l.endswith("\n") and json.loads(l)["step"] <= start]
+                    if l.endswith("\n") and json.loads(l)["step"] <= start] if start else []
             open(path, "w").writelines(kept)
 
 
@@ -73,11 +75,15 @@ def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skippe
                 peak_mem_gib=max(rollout_mem, peak_memory_gib(device)), peak_mem_rollout_gib=rollout_mem)
 
 
-def log_step(out, m, ro, texts, grades, golds, tokenizer):
-    """Rank 0: the step's line, its metrics.jsonl row and a few completions in samples.jsonl (golds: per row)."""
-    print(f"step {m['step']} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | clip {m['clip_ratio']:.2f} | "
-          f"kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
-          f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f})")
+def log_step(out, m, ro=None, texts=(), grades=(), golds=(), tokenizer=None):
+    """Rank 0: the step's line, its metrics.jsonl row and a few completions in samples.jsonl (golds: per row). Eval
+    accuracies (eval_<benchmark>) end the line; a row without a rollout (ro None: step 0) has only those."""
+    train = "" if ro is None else (
+        f" | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | clip {m['clip_ratio']:.2f} | "
+        f"kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
+        f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f})")
+    evals = "".join(f" | {k} {v:.1f}" for k, v in m.items() if k.startswith("eval_") and "/" not in k)
+    print(f"step {m['step']}{train}{evals}" + (f" ({m['t_eval']:.0f}s eval)" if evals else ""))
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
     with open(os.path.join(out, "samples.jsonl"), "a") as f:
@@ -85,3 +91,9 @@ def log_step(out, m, ro, texts, grades, golds, tokenizer):
             f.write(json.dumps(dict(step=m["step"], prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b],
                                     gold=golds[b], reward=grades[b].reward, pred=grades[b].pred,
                                     finish=ro.finish_reason[b])) + "\n")
+
+
+def read_metrics(out):
+    """The rows of out/metrics.jsonl (step 0, when there is one, holds evals only)."""
+    path = os.path.join(out, "metrics.jsonl")
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.isfile(path) else []
