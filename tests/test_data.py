@@ -1,4 +1,5 @@
-"""data.py: loaders (arith, verl parquet, directory, jsonl, hub fallback), tokenising, and the sampler's invariants."""
+"""data.py: loaders (arith and its held-out split, verl parquet, directory, jsonl, hub fallback), tokenising, and the
+sampler's invariants."""
 import json
 import math
 
@@ -7,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data import STOP_WORDS, TEMPLATES, DataError, Example, Sampler, load_examples, tokenize_examples
+from data import (STOP_WORDS, TEMPLATES, DataError, Example, Sampler, arith_split, load_examples,
+                  tokenize_examples)
 
 
 # ---- sampler ----
@@ -214,6 +216,23 @@ def test_arith():
             assert f"What is {a} + {b}?" in ex.prompt and ex.gold == str(a + b)
     assert examples[0].prompt.endswith("within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
     assert load_examples("arith", "qwen-boxed") == (examples, 0)
+
+
+def test_arith_test_split_is_held_out_and_fixed():
+    """The held-out split: 100 distinct two-digit sums, none a train problem (nor its mirror), the same every call."""
+    train, test = arith_split("train"), arith_split("test")
+    assert [ex.prompt for ex in load_examples("arith", "abel")[0]] == \
+        [TEMPLATES["abel"].replace("{question}", q) for q, _ in train]
+    operands = lambda split: [tuple(map(int, q[len("What is "):-1].split(" + "))) for q, _ in split]
+    pairs = operands(test)
+    assert len(test) == len(set(pairs)) == 100 and all(10 <= a <= 99 and 10 <= b <= 99 for a, b in pairs)
+    assert not {q for q, _ in train} & {q for q, _ in test}
+    assert not set(pairs) & {p for a, b in operands(train) for p in ((a, b), (b, a))}
+    assert [g for _, g in test] == [str(a + b) for a, b in pairs] and test[:2] == [("What is 10 + 10?", "20"),
+                                                                                     ("What is 23 + 77?", "100")]
+    assert arith_split("test") == test and sum(a % 10 + b % 10 > 9 for a, b in pairs) == 49
+    with pytest.raises(DataError, match="unknown arith split"):
+        arith_split("dev")
 
 
 def test_templates():

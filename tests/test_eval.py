@@ -129,6 +129,20 @@ def test_regrade_gives_the_known_accuracy(tmp_path, capsys):
     assert (tmp_path / "out" / "summary.md").read_text().startswith("| benchmark |")
 
 
+def test_arith_benchmark_grades_a_right_and_a_wrong_answer(tmp_path, capsys):
+    """The built-in "arith" benchmark (data.arith_split("test"), no file) through eval.py's grading: a right answer
+    counts, a wrong one does not."""
+    problems = ev.load_benchmark(str(tmp_path / "nowhere"), "arith")
+    assert len(problems) == 100 and ev.load_benchmark("", "arith", limit=3) == problems[:3]
+    assert problems[1] == dict(benchmark="arith", idx=1, question="What is 23 + 77?", gold="100")
+    rows = [dict(p, responses=[f"{p['question'][8:-1]} = {answer}<|im_end|>"])  # 37 + 54 = 81: the carry dropped
+            for p, answer in zip(problems[1:3], ["100", "81"])]
+    ev.main([f"--regrade={write_jsonl(tmp_path / 'gen.jsonl', rows)}", f"--out={tmp_path / 'out'}"])
+    graded = [json.loads(l) for l in open(tmp_path / "out" / "generations.jsonl")]
+    assert [(r["gold"], r["preds"], r["correct"]) for r in graded] == [("100", ["100"], [1]), ("91", ["81"], [0])]
+    assert json.load(open(tmp_path / "out" / "summary.json"))["arith"]["acc"] == 50.0
+
+
 @pytest.mark.slow
 def test_tiny_model_end_to_end(model_dir, tokenizer, bench_dir, tmp_path):
     out = str(tmp_path / "out")
@@ -265,6 +279,30 @@ def test_checkpoint_curves_are_drawn_by_the_training_curves_function(tmp_path, m
     assert path == str(run / "eval" / "curves.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert panels[0][1] == {"math500": ([2, 4], [10.0, 30.0]), "average": ([2, 4], [10.0, 30.0])}
     assert panels[2][1] == {"clip ratio": ([1, 2, 3, 4], [0.5, 0.25, 0.5 / 3, 0.125])}
+@pytest.mark.slow
+def test_checkpoints_start_at_the_run_initial_model_in_one_table(model_dir, tokenizer, tmp_path, capsys):
+    """--checkpoints: step 0 is the run's --model (RUN_DIR/config.json), in RUN_DIR/eval/step_000000 unless done;
+    one table across the steps (printed and RUN_DIR/eval/summary.md), none per checkpoint; train.py's step-0 row of
+    metrics.jsonl (evals only) does not break the curves."""
+    run = tmp_path / "run"
+    make_model(tokenizer, seed=2).save_pretrained(run / "step_000002" / "model")
+    tokenizer.save_pretrained(run / "step_000002" / "model")
+    json.dump(dict(config=dict(model=model_dir, template="chatml-short")), open(run / "config.json", "w"))
+    write_jsonl(run / "metrics.jsonl", [dict(step=0, eval_arith=0.0, t_eval=1.0),
+                                        *(dict(step=s, len_mean=9.0, clip_ratio=0.5) for s in (1, 2))])
+    args = [f"--checkpoints={run}", "--benchmarks=arith", "--limit=2", "--max_new_tokens=6"]
+    ev.main(args)
+    out = capsys.readouterr().out
+    assert "eval 2 model(s)" in out and out.count("| benchmark |") == 1  # one table, not one per checkpoint
+    assert json.load(open(run / "eval" / "step_000000" / "config.json"))["model"] == model_dir
+    assert json.load(open(run / "eval" / "step_000000" / "summary.json"))["arith"]["count"] == 2
+    table = (run / "eval" / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| step | benchmark | acc | clip % | stop len | box % |") and len(table) == 4
+    assert [l.split(" | ")[:2] for l in table[2:]] == [["| 0", "arith"], ["| 2", "arith"]]
+    assert "\n".join(table) in out and (run / "eval" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    ev.main(args)  # both done: nothing evaluated, the same table
+    out = capsys.readouterr().out
+    assert "eval 0 model(s)" in out and "\n".join(table) in out
 
 
 def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):

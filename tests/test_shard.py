@@ -79,6 +79,21 @@ def test_zero3_tied_embeddings_stay_tied(tokenizer, data_file, tmp_path):
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max())
 
 
+def test_inference_copy_of_a_tied_model_is_tied(tokenizer):
+    """The rollout copy (distributed.inference_copy + copy_weights) of a model with tied embeddings (SmolLM2,
+    Qwen2.5-0.5B/1.5B) generates from the policy's lm_head: its own is the copied embedding, not uninitialised memory
+    (which made the smoke preset's rollouts random tokens)."""
+    import distributed
+    from model import Policy
+    lm = make_model(tokenizer, tie_word_embeddings=True)
+    copy, _ = distributed.inference_copy(lm.config, torch.device("cpu"), torch.float32)
+    distributed.copy_weights(Policy(lm), copy)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    ids = torch.tensor([tokenizer("What is 3 + 5?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, lm(ids).logits)
+
+
 @pytest.mark.slow
 def test_zero3_gpu_precision_policy(tmp_path):
     """zero3 as on GPU (bf16 compute, fp32 master shards and fp32 gradient reduction), run on gloo: the shards and

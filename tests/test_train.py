@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -317,6 +318,31 @@ def test_eval_every_logs_benchmark_accuracy(model_dir, data_file, tmp_path):
     assert all(m["eval_math500"] == 0.0 for m in metrics(out))  # a random tiny model is wrong, but it was evaluated
     r = run(flags(model_dir, data_file, str(tmp_path / "ev2"), eval_every=1, eval_data_dir=str(tmp_path / "nope")))
     assert r.returncode != 0 and "nope/math500/test.jsonl" in r.stderr and "Loading weights" not in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_every_also_evaluates_step_0_and_the_last_step(model_dir, data_file, tmp_path, capsys):
+    """--eval_every: the initial model first (a metrics.jsonl row of its own: step 0, evals only), then every N steps
+    and the last; a resumed run keeps row 0 and does not redo it; each run ends with the step-0 / last-step table."""
+    out = str(tmp_path / "ev")
+    kw = dict(eval_every=2, eval_benchmarks="arith", eval_limit=3, save_every=1)
+    train.main(flags(model_dir, data_file, out, steps=2, **kw))
+    first = capsys.readouterr().out
+    train.main(flags(model_dir, data_file, out, steps=3, **kw))  # resumes from step 2
+    second = capsys.readouterr().out
+    m = metrics(out)
+    assert [x["step"] for x in m] == [0, 1, 2, 3] and ["eval_arith" in x for x in m] == [True, False, True, True]
+    assert set(m[0]) == {"step", "t_eval", "eval_arith", "eval_arith/pass@1", "eval_arith/clip_ratio",
+                         "eval_arith/stop_len", "eval_arith/box_ratio", "eval_arith/reflection_ratio",
+                         "eval_arith/count", "eval_arith/n"} and m[0]["eval_arith/count"] == 3
+    assert re.search(r"^step 0 \| eval_arith \d+\.\d \(\d+s eval\)$", first, re.M)
+    assert re.search(r"^step 1 \| reward [^\n]*\)$", first, re.M)  # no eval at step 1
+    assert re.search(r"^step 3 \| reward .* \| eval_arith \d+\.\d \(\d+s eval\)$", second, re.M)
+    assert "step 0 |" not in second and "resuming from" in second
+    for text, last in [(first, 2), (second, 3)]:
+        table = text[text.index("| step | benchmark | acc |"):].splitlines()
+        assert [l.split(" | ")[:2] for l in table[2:4]] == [["| 0", "arith"], [f"| {last}", "arith"]], table
+        assert table[2].endswith("| 3 x 1 |")
 
 
 def test_attention_impl_imports_flash_attn(tmp_path, monkeypatch, capsys):
