@@ -335,10 +335,10 @@ def test_eval_every_also_evaluates_step_0_and_the_last_step(model_dir, data_file
     assert set(m[0]) == {"step", "t_eval", "eval_arith", "eval_arith/pass@1", "eval_arith/clip_ratio",
                          "eval_arith/stop_len", "eval_arith/box_ratio", "eval_arith/reflection_ratio",
                          "eval_arith/count", "eval_arith/n"} and m[0]["eval_arith/count"] == 3
-    assert re.search(r"^step 0 \| eval_arith \d+\.\d \(\d+s eval\)$", first, re.M)
-    assert re.search(r"^step 1 \| reward [^\n]*\)$", first, re.M)  # no eval at step 1
-    assert re.search(r"^step 3 \| reward .* \| eval_arith \d+\.\d \(\d+s eval\)$", second, re.M)
-    assert "step 0 |" not in second and "resuming from" in second
+    assert re.search(r"^step 0/2 \| eval_arith \d+\.\d \(\d+s eval\)$", first, re.M)
+    assert re.search(r"^step 1/2 \| reward [^\n]* \| eta \w+$", first, re.M)  # no eval at step 1
+    assert re.search(r"^step 3/3 \| reward .* \| eval_arith \d+\.\d \(\d+s eval\)$", second, re.M)
+    assert "step 0/" not in second and "resuming from" in second
     for text, last in [(first, 2), (second, 3)]:
         table = text[text.index("| step | benchmark | acc |"):].splitlines()
         assert [l.split(" | ")[:2] for l in table[2:4]] == [["| 0", "arith"], [f"| {last}", "arith"]], table
