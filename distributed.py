@@ -47,6 +47,21 @@ def init(cfg, rank, world, local_rank, resume_step):
     return device
 
 
+def check_shape(cfg, world, per_node):
+    """Exits with one line unless the batch splits over `world` ranks (`per_node` per node): whole prompts and
+    mini-batches per rank, whole tensor-parallel groups per node (they talk over NVLink)."""
+    local = cfg.prompts_per_step // world
+    for bad, msg in [(cfg.prompts_per_step % world, f"--prompts_per_step={cfg.prompts_per_step} is not divisible by "
+                      f"the {world} ranks; use a multiple of {world}"),
+                     (world % cfg.gen_tp or per_node % cfg.gen_tp, f"--gen_tp={cfg.gen_tp} does not divide the "
+                      f"{world} ranks ({per_node} per node); use a divisor of --nproc_per_node"),
+                     (local % cfg.mini_batches, f"each rank's {local} prompts do not split into "
+                      f"--mini_batches={cfg.mini_batches}; make prompts_per_step a multiple of world_size * "
+                      f"mini_batches = {world * cfg.mini_batches}")]:
+        if bad:
+            sys.exit(f"error: {msg}")
+
+
 def all_sum(values, device):
     """A list of floats summed over ranks (float64, on `device`: NCCL takes CUDA tensors only)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

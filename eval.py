@@ -51,7 +51,7 @@ import torch.distributed as dist
 import logs
 import reward
 from data import STOP_WORDS, TEMPLATES, DataError, arith_split
-from distributed import checkpoints
+from distributed import checkpoints, copy_weights
 from flags import parse_flags
 from model import load_lm, load_tokenizer, resolve_model
 from rollout import generate, stop_token_ids
@@ -81,7 +81,7 @@ class Config:
     trust_remote_code: bool = False # allow model code from the hub
 
 
-PRESETS = {"base": dict(temperature=0.0, top_p=1.0),   # RECIPE.md: base models are evaluated greedily,
+PRESETS = {"base": dict(temperature=0.0, top_p=1.0),   # the Zoo: base models are evaluated greedily,
            "rl": dict(temperature=1.0, top_p=0.95)}   # RL models at T 1.0, top_p 0.95 (both with 16K new tokens)
 
 
@@ -119,9 +119,9 @@ def question_and_gold(name, row):
     return row["question" if name == "amc23" else "problem"], str(row["answer"])  # math500, aime24, amc23
 
 
-def load_benchmark(data_dir, name, limit=None):
+def load_benchmark(data_dir, name, limit=None, flag="--data_dir"):
     """[{benchmark, idx, question, gold}] of DIR/name/test.jsonl (or of a BUILT_IN set), its first `limit` problems
-    (None or 0: all)."""
+    (None or 0: all). flag: the option that gave data_dir, for the message when the file is missing."""
     path = os.path.join(data_dir, name, "test.jsonl")
     if name in BUILT_IN:
         problems = [dict(benchmark=name, idx=i, question=q, gold=g) for i, (q, g) in enumerate(arith_split("test"))]
@@ -129,7 +129,8 @@ def load_benchmark(data_dir, name, limit=None):
     if name not in BENCHMARKS:
         raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS + BUILT_IN)}")
     if not os.path.isfile(path):
-        raise DataError(f"no such file: {path}; pass --data_dir=DIR where DIR/{name}/test.jsonl exists")
+        raise DataError(f"no such file: {path}; pass {flag}=DIR where DIR/{name}/test.jsonl exists (the Zoo's files: "
+                        "README, Data and benchmarks)")
     problems = []
     with open(path, encoding="utf-8") as f:
         for idx, line in enumerate(l for l in f if l.strip()):
@@ -307,6 +308,53 @@ def plot_curves(run_dir):
                             f"{os.path.basename(os.path.abspath(run_dir))}: {len(evals)} checkpoints evaluated")
 
 # -----------------------------------------------------------------------------
+# In training: train.py --eval_every.
+
+
+def check_benchmarks(names, data_dir, limit, prefix=""):
+    """Raises DataError unless the comma-separated benchmark names are distinct and each loads (built in, or
+    data_dir/<name>/test.jsonl); the messages name --{prefix}benchmarks and --{prefix}data_dir (train.py: eval_)."""
+    benchmarks = names.split(",")
+    if len(set(benchmarks)) < len(benchmarks):
+        raise DataError(f"--{prefix}benchmarks={names} names a benchmark twice")
+    for b in benchmarks:
+        load_benchmark(data_dir, b, limit, f"--{prefix}data_dir")
+
+
+def train_eval(cfg, m, tokenizer, step, rank, world):
+    """At step 0, every eval_every steps and the last step (if eval_every), a greedy eval of the current weights (the
+    Zoo's validation), every rank taking part -> on rank 0 the metrics {eval_<benchmark>: acc %,
+    eval_<benchmark>/<stat>: the rest of eval.py's summary, t_eval: seconds}; {} on the others and at other steps.
+    before_after_table reads them back."""
+    if not cfg.eval_every or (step % cfg.eval_every and step != cfg.steps):
+        return {}
+    t0 = time.time()
+    copy_weights(m.policy, m.rollout_lm, m.tp_group)  # the inference copy of the current weights (train.py's)
+    _, summary = evaluate(m.rollout_lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir, cfg.template,
+                          max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit, rank=rank, world=world,
+                          tp_group=m.tp_group)
+    if summary is None:
+        return {}
+    flat = {f"eval_{b}" + ("" if k == "acc" else f"/{k}"): v for b, s in summary.items() if b != "average"
+            for k, v in s.items()}
+    return dict(flat, t_eval=time.time() - t0)
+
+
+def before_after_table(out):
+    """The first and last evals in out/metrics.jsonl (step 0: the initial model) as one eval.py table: the run's
+    before/after, in eval.py's terms (accuracy, clip ratio, stopped length, box ratio)."""
+    rows = [r for r in logs.read_jsonl(os.path.join(out, "metrics.jsonl")) if any(k.startswith("eval_") for k in r)]
+    summaries = {}
+    for r in (rows[0], rows[-1]) if rows else ():
+        s = {}  # eval_<benchmark>: acc, eval_<benchmark>/<stat>: the rest -> {benchmark: {stat: value}}
+        for k, v in r.items():
+            if k.startswith("eval_"):
+                b, _, stat = k[5:].partition("/")
+                s.setdefault(b, {})[stat or "acc"] = v
+        summaries[r["step"]] = dict(s, average=sum(x["acc"] for x in s.values()) / len(s))
+    return "greedy eval before and after training (eval.py's table):\n" + table(summaries, by_step=True)
+
+# -----------------------------------------------------------------------------
 # The command line.
 
 
@@ -322,8 +370,7 @@ def main(argv):
             if master:
                 write_results(cfg.out, grade(rows), summarize(rows), dataclasses.asdict(cfg))
             return
-        for b in benchmarks:
-            load_benchmark(cfg.data_dir, b, cfg.limit)
+        check_benchmarks(cfg.benchmarks, cfg.data_dir, cfg.limit)
         if cfg.model:
             resolve_model(cfg.model)  # exits with one line if it is neither a local path nor a hub id
             jobs = [(cfg.model, cfg.out)]  # (model, output directory)

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import distributed
@@ -152,6 +153,61 @@ class Policy(torch.nn.Module):
                                        use_cache=False).last_hidden_state  # (b, L, H); no KV cache in training
         targets = input_ids.roll(-1, dims=1)  # (b, L) next token
         return token_logprobs(hidden[loss_mask], self.lm.get_output_embeddings(), targets[loss_mask], temperature)
+
+
+@dataclass
+class Samples:
+    """One rank's rollout batch as training data; B rows, prompt-major. Per-token values are lists of (len_b,)."""
+    seqs: list             # B x (prompt_len + response_len,) long: prompt then response tokens, no padding
+    prompt_lens: list      # B ints
+    adv: torch.Tensor      # (B,) advantage of each response (every token gets it)
+    keep: torch.Tensor     # (B,) bool: trained on (False: left out by --skip_zero_var / --mask_truncated)
+    old_logp: list         # B x (len_b,) log-probs before the update, or None where the update's own are used
+    ref_logp: list         # B x (len_b,) reference log-probs, or None when kl_coef == 0
+    pad_id: int
+    packed: bool = False   # micro-batches as one row of back-to-back sequences (flash-attn varlen) instead of padded
+
+    def response_len(self, i):
+        return len(self.seqs[i]) - self.prompt_lens[i]
+
+    @classmethod
+    def from_rollout(cls, ro, adv, keep, pad_id, packed):
+        """A rollout.Rollout's rows, their advantages and keep flags (B,); log-probs to be filled in."""
+        B = len(ro.prompt_ids)
+        return cls(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
+                         zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
+                   prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, keep=keep, old_logp=[None] * B,
+                   ref_logp=[None] * B, pad_id=pad_id, packed=packed)
+
+
+def sequence_logprobs(policy, s, idx, temperature, device):
+    """Runs `policy` on samples idx -> logp, entropy (N,): their response tokens, concatenated in idx order."""
+    if s.packed:  # (1, sum of lengths): no padding; positions restart per sequence
+        ids = torch.cat([s.seqs[i] for i in idx])[None]  # (1, T)
+        pos = torch.cat([torch.arange(len(s.seqs[i])) for i in idx])[None]  # (1, T)
+        mask = torch.cat([(pos_i >= s.prompt_lens[i] - 1) & (pos_i < len(s.seqs[i]) - 1)
+                          for i, pos_i in ((i, torch.arange(len(s.seqs[i]))) for i in idx)])[None]  # (1, T)
+        return policy(ids.to(device), mask.to(device), temperature, pos.to(device))
+    L = max(len(s.seqs[i]) for i in idx)
+    ids = torch.full((len(idx), L), s.pad_id, dtype=torch.long)  # (b, L) right-padded
+    mask = torch.zeros((len(idx), L), dtype=torch.bool)  # (b, L) True where the next token is a response token
+    for j, i in enumerate(idx):
+        ids[j, :len(s.seqs[i])] = s.seqs[i]
+        mask[j, s.prompt_lens[i] - 1:len(s.seqs[i]) - 1] = True
+    return policy(ids.to(device), mask.to(device), temperature)
+
+
+def batch_logprobs(policy, s, plans, temperature, device):
+    """No-grad log-probs of every sample in the micro-batch plans -> list indexed by sample of (len_b,) cpu tensors.
+    A DDP policy runs as its module (a no-grad forward has no gradients to sync)."""
+    policy = policy.module if isinstance(policy, DDP) else policy
+    out = [None] * len(s.seqs)
+    with torch.no_grad():
+        for mb in (mb for plan in plans for mb in plan):
+            logp, _ = sequence_logprobs(policy, s, mb, temperature, device)
+            for i, x in zip(mb, logp.float().cpu().split([s.response_len(i) for i in mb])):
+                out[i] = x
+    return out
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """GRPO zero-RL trainer: the SimpleRL-Zoo recipe, read top to bottom: config, the math, the update, the step.
 
     python train.py --preset=smoke                                    # CPU, SmolLM2-135M learns single-digit addition
-    torchrun --nnodes 2 --nproc_per_node 8 train.py                   # Qwen2.5-7B Zoo run (every default of RECIPE.md)
+    torchrun --nnodes 2 --nproc_per_node 8 train.py                   # Qwen2.5-7B Zoo run (README: the recipe)
     torchrun --nproc_per_node 8 train.py --preset=1.5b --out=runs/x   # other Zoo runs: 0.5b 1.5b 7b 14b 32b math-7b
 
 One step = one rollout batch: each rank takes prompts_per_step / world prompts, samples samples_per_prompt responses
@@ -41,9 +41,9 @@ import distributed
 import logs
 import reward
 from data import STOP_WORDS, DataError, Sampler, load_examples, tokenize_examples
-from eval import evaluate, load_benchmark, table
+from eval import before_after_table, check_benchmarks, train_eval
 from flags import parse_flags
-from model import load_config, load_models, load_tokenizer
+from model import Samples, batch_logprobs, load_config, load_models, load_tokenizer, sequence_logprobs
 from rollout import generate, stop_token_ids
 
 
@@ -101,7 +101,7 @@ class Config:
 
 
 ZOO = dict(model="Qwen/Qwen2.5-7B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", template="qwen-boxed")
-PRESETS = {  # RECIPE.md: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
+PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses beta 1e-3; 4K-context models respond in 3K
     # 7B+ cannot hold a full fp32 replica + Adam per 80 GB GPU (16 B/param), so they shard (zero3); small ones replicate.
     # 14B/32B generate on a bf16 copy split over the 8 GPUs of a node (gen_tp): one full copy per GPU leaves the KV
     # cache ~2 (14B) or 0 (32B) prompts' room. The rollout sizes its KV slots from the free memory (rollout.kv_slots).
@@ -153,23 +153,8 @@ def parse_config(argv):
             sys.exit(f"error: {msg}")
     return cfg
 
-
-def check_shape(cfg, world, per_node):
-    """Exits with one line unless the batch splits over `world` ranks (`per_node` per node): whole prompts and
-    mini-batches per rank, whole tensor-parallel groups per node (they talk over NVLink)."""
-    local = cfg.prompts_per_step // world
-    for bad, msg in [(cfg.prompts_per_step % world, f"--prompts_per_step={cfg.prompts_per_step} is not divisible by "
-                      f"the {world} ranks; use a multiple of {world}"),
-                     (world % cfg.gen_tp or per_node % cfg.gen_tp, f"--gen_tp={cfg.gen_tp} does not divide the "
-                      f"{world} ranks ({per_node} per node); use a divisor of --nproc_per_node"),
-                     (local % cfg.mini_batches, f"each rank's {local} prompts do not split into "
-                      f"--mini_batches={cfg.mini_batches}; make prompts_per_step a multiple of world_size * "
-                      f"mini_batches = {world * cfg.mini_batches}")]:
-        if bad:
-            sys.exit(f"error: {msg}")
-
 # -----------------------------------------------------------------------------
-# The math: pure functions of tensors (tests/test_math.py checks each against RECIPE.md).
+# The math: pure functions of tensors (tests/test_math.py checks each against the recipe).
 
 
 def group_advantages(rewards, group_size, std=True, eps=1e-6):
@@ -227,62 +212,8 @@ def loss_weights(lengths, keep, loss_agg, max_response_len, n_tokens, n_response
 
 
 # -----------------------------------------------------------------------------
-# The update: log-probs of sampled responses under the policy, and gradient accumulation over micro-batches.
-
-
-@dataclass
-class Samples:
-    """One rank's rollout batch as training data; B rows, prompt-major. Per-token values are lists of (len_b,)."""
-    seqs: list             # B x (prompt_len + response_len,) long: prompt then response tokens, no padding
-    prompt_lens: list      # B ints
-    adv: torch.Tensor      # (B,) advantage of each response (every token gets it)
-    keep: torch.Tensor     # (B,) bool: trained on (False: left out by --skip_zero_var / --mask_truncated)
-    old_logp: list         # B x (len_b,) log-probs before the update, or None where the update's own are used
-    ref_logp: list         # B x (len_b,) reference log-probs, or None when kl_coef == 0
-    pad_id: int
-    packed: bool = False   # micro-batches as one row of back-to-back sequences (flash-attn varlen) instead of padded
-
-    def response_len(self, i):
-        return len(self.seqs[i]) - self.prompt_lens[i]
-
-    @classmethod
-    def from_rollout(cls, ro, adv, keep, pad_id, packed):
-        """A rollout.Rollout's rows, their advantages and keep flags (B,); log-probs to be filled in."""
-        B = len(ro.prompt_ids)
-        return cls(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
-                         zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
-                   prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, keep=keep, old_logp=[None] * B,
-                   ref_logp=[None] * B, pad_id=pad_id, packed=packed)
-
-
-def sequence_logprobs(policy, s, idx, temperature, device):
-    """Runs `policy` on samples idx -> logp, entropy (N,): their response tokens, concatenated in idx order."""
-    if s.packed:  # (1, sum of lengths): no padding; positions restart per sequence
-        ids = torch.cat([s.seqs[i] for i in idx])[None]  # (1, T)
-        pos = torch.cat([torch.arange(len(s.seqs[i])) for i in idx])[None]  # (1, T)
-        mask = torch.cat([(pos_i >= s.prompt_lens[i] - 1) & (pos_i < len(s.seqs[i]) - 1)
-                          for i, pos_i in ((i, torch.arange(len(s.seqs[i]))) for i in idx)])[None]  # (1, T)
-        return policy(ids.to(device), mask.to(device), temperature, pos.to(device))
-    L = max(len(s.seqs[i]) for i in idx)
-    ids = torch.full((len(idx), L), s.pad_id, dtype=torch.long)  # (b, L) right-padded
-    mask = torch.zeros((len(idx), L), dtype=torch.bool)  # (b, L) True where the next token is a response token
-    for j, i in enumerate(idx):
-        ids[j, :len(s.seqs[i])] = s.seqs[i]
-        mask[j, s.prompt_lens[i] - 1:len(s.seqs[i]) - 1] = True
-    return policy(ids.to(device), mask.to(device), temperature)
-
-
-def batch_logprobs(policy, s, plans, temperature, device):
-    """No-grad log-probs of every sample in the micro-batch plans -> list indexed by sample of (len_b,) cpu tensors.
-    A DDP policy runs as its module (a no-grad forward has no gradients to sync)."""
-    policy = policy.module if isinstance(policy, DDP) else policy
-    out = [None] * len(s.seqs)
-    with torch.no_grad():
-        for mb in (mb for plan in plans for mb in plan):
-            logp, _ = sequence_logprobs(policy, s, mb, temperature, device)
-            for i, x in zip(mb, logp.float().cpu().split([s.response_len(i) for i in mb])):
-                out[i] = x
-    return out
+# The update: the loss normaliser, gradient accumulation over micro-batches, the AdamW steps (the sampled
+# responses' log-probs under the policy: model.py).
 
 
 def mini_batch_weights(s, idx, cfg, device):
@@ -341,6 +272,15 @@ def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu",
         k = int(t)
     filler = lambda: [min((i for i in idx if not keep[i]), key=lambda i: seq_lens[i])]
     return [c or filler() for c in split(k)]
+
+
+def plan_update(s, cfg, world, device):
+    """-> (minis, plans): the sample indices of each mini-batch (contiguous runs of whole prompt groups) and each
+    one's micro-batches (plan_micro_batches: kept samples only, token-budgeted, as many on every rank)."""
+    B, k, seq_lens = len(s.seqs), cfg.mini_batches, [len(x) for x in s.seqs]
+    minis = [list(range(j * B // k, (j + 1) * B // k)) for j in range(k)]
+    return minis, [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, s.packed, device, s.keep)
+                   for mb in minis]
 
 
 def update(policy, optimizer, s, minis, plans, cfg, world, device, progress=False):
@@ -406,11 +346,7 @@ def prepare(cfg, rank, world):
                             f"without a prompt or answer, {n_long} longer than --max_prompt_len={cfg.max_prompt_len}) "
                             f"for --prompts_per_step={cfg.prompts_per_step}")
         if cfg.eval_every:
-            benchmarks = cfg.eval_benchmarks.split(",")
-            if len(set(benchmarks)) < len(benchmarks):
-                raise DataError(f"--eval_benchmarks={cfg.eval_benchmarks} names a benchmark twice")
-            for b in benchmarks:
-                load_benchmark(cfg.eval_data_dir, b, cfg.eval_limit)
+            check_benchmarks(cfg.eval_benchmarks, cfg.eval_data_dir, cfg.eval_limit, "eval_")
     except DataError as e:
         sys.exit(f"error: {e}")
     model_config = load_config(cfg.model, cfg)
@@ -436,39 +372,15 @@ def prepare(cfg, rank, world):
 # The training run.
 
 
-def eval_metrics(cfg, m, tokenizer, step, rank, world):
-    """At step 0, every eval_every steps and the last step (if eval_every), a greedy eval of the current weights (the
-    Zoo's validation), every rank taking part -> on rank 0 the metrics {eval_<benchmark>: acc %,
-    eval_<benchmark>/<stat>: the rest of eval.py's summary, t_eval: seconds}; {} on the others and at other steps.
-    eval_table reads them back."""
-    if not cfg.eval_every or (step % cfg.eval_every and step != cfg.steps):
-        return {}
-    t0 = time.time()
+def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
+    """The policy's current weights copied into the inference copy, then samples_per_prompt responses to each prompt
+    (rollout.generate; with a tensor-parallel copy its group's prompts decode together) -> rollout.Rollout."""
     distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
     with autocast(m.rollout_lm.device):
-        _, summary = evaluate(m.rollout_lm, tokenizer, cfg.eval_benchmarks.split(","), cfg.eval_data_dir,
-                              cfg.template, max_new_tokens=cfg.max_response_len, limit=cfg.eval_limit, rank=rank,
-                              world=world, tp_group=m.tp_group)
-    if summary is None:
-        return {}
-    flat = {f"eval_{b}" + ("" if k == "acc" else f"/{k}"): v for b, s in summary.items() if b != "average"
-            for k, v in s.items()}
-    return dict(flat, t_eval=time.time() - t0)
-
-
-def eval_table(out):
-    """The first and last evals in out/metrics.jsonl (step 0: the initial model) as one eval.py table: the run's
-    before/after, in eval.py's terms (accuracy, clip ratio, stopped length, box ratio)."""
-    rows = [m for m in logs.read_jsonl(os.path.join(out, "metrics.jsonl")) if any(k.startswith("eval_") for k in m)]
-    summaries = {}
-    for m in (rows[0], rows[-1]) if rows else ():
-        s = {}  # eval_<benchmark>: acc, eval_<benchmark>/<stat>: the rest -> eval.py's {benchmark: {stat: value}}
-        for k, v in m.items():
-            if k.startswith("eval_"):
-                b, _, stat = k[5:].partition("/")
-                s.setdefault(b, {})[stat or "acc"] = v
-        summaries[m["step"]] = dict(s, average=sum(x["acc"] for x in s.values()) / len(s))
-    return "greedy eval before and after training (eval.py's table):\n" + table(summaries, by_step=True)
+        return generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
+                        cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine,
+                        max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory,
+                        slots=cfg.rollout_slots)
 
 
 def main(argv, score=None):
@@ -476,7 +388,7 @@ def main(argv, score=None):
     # Set up: every check of bad input (before any model loads), the process group, the models, the resume point.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = parse_config(argv)
-    check_shape(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    distributed.check_shape(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     master, G, score = rank == 0, cfg.samples_per_prompt, score or reward.score
     log = print if master else (lambda *a, **k: None)
     run = prepare(cfg, rank, world)
@@ -484,8 +396,7 @@ def main(argv, score=None):
     device = distributed.init(cfg, rank, world, local_rank, run.state["step"] if run.state else 0)
     log(run.summary)
     m = load_models(cfg, run.ckpt, device, master, local_rank, world)
-    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []),
-                              getattr(m.lm.generation_config, "eos_token_id", None))
+    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []), m.lm.generation_config.eos_token_id)
     optimizer = torch.optim.AdamW(m.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     start, bad_steps = (run.state["step"], run.state["bad_steps"]) if run.ckpt else (0, 0)
@@ -495,7 +406,7 @@ def main(argv, score=None):
     rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
         f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
-    if start == 0 and (evals := eval_metrics(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
+    if start == 0 and (evals := train_eval(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
         rec.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
 
     for step in range(start + 1, cfg.steps + 1):
@@ -504,14 +415,8 @@ def main(argv, score=None):
         times = [time.time()]
         logs.peak_memory_gib(device, reset=True)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
-        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights (with a
-        #    tp copy, its group's prompts decode together).
-        distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
-        with autocast(device):
-            ro = generate(m.rollout_lm, [run.prompt_ids[i] for i in idx], G, cfg.max_response_len, cfg.temperature,
-                          cfg.top_p, stop_ids, tokenizer.pad_token_id, progress=master, engine=cfg.engine,
-                          max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory,
-                          slots=cfg.rollout_slots)
+        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights.
+        ro = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
         times.append(time.time())
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 
@@ -527,10 +432,7 @@ def main(argv, score=None):
 
         # 3. Old and reference log-probs of the kept samples (mini-batches are contiguous runs of whole prompt groups).
         s = Samples.from_rollout(ro, adv, keep, tokenizer.pad_token_id, m.packed)
-        B, seq_lens, k = len(s.seqs), [len(x) for x in s.seqs], cfg.mini_batches
-        minis = [list(range(j * B // k, (j + 1) * B // k)) for j in range(k)]  # sample indices of each mini-batch
-        plans = [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, m.packed, device, keep)
-                 for mb in minis]
+        minis, plans = plan_update(s, cfg, world, device)
         with autocast(device):
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
             s.old_logp = batch_logprobs(m.policy, s, plans[1:], cfg.temperature, device)
@@ -545,8 +447,8 @@ def main(argv, score=None):
         # 5. Metrics (all ranks), eval, one line on rank 0, samples, sinks, checkpoint (and curves.png with it).
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
-                               seq_lens, rollout_mem, device)
-        metrics.update(eval_metrics(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
+                                    [len(x) for x in s.seqs], rollout_mem, device)
+        metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
         if master:
@@ -558,7 +460,7 @@ def main(argv, score=None):
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")
     if master and cfg.eval_every:  # the first (step 0) and the last eval as one table
-        print(eval_table(cfg.out))
+        print(before_after_table(cfg.out))
     if master:
         rec.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
     if dist.is_initialized():

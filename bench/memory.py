@@ -42,7 +42,7 @@ def max_tp(m):
 def setups(m):
     """(shard, gen_tp) pairs, simplest first: ddp, zero2, zero3, then zero3 with the tensor-parallel rollout copy."""
     return [(mode, 1) for mode in MODES] + [("zero3", max_tp(m))] * (max_tp(m) > 1)
-ZOO_GPUS = {"7b": 16, "14b": 16, "32b": 64}  # RECIPE.md hardware; 0.5B/1.5B: no count given
+ZOO_GPUS = {"7b": 16, "14b": 16, "32b": 64}  # the Zoo's hardware (README: the recipe); 0.5B/1.5B: no count given
 
 
 def layer_params(m):
@@ -175,7 +175,7 @@ def best_setup(m, n, response_len):
 
 
 def recommend(name, gpus, response_len):
-    """One line per model: the Zoo's GPU count if it fits (RECIPE.md: 7B/14B 16, 32B 64), else the smallest GPU count
+    """One line per model: the Zoo's GPU count if it fits (the Zoo: 7B/14B 16, 32B 64), else the smallest GPU count
     that fits; the other counts follow."""
     m, lines = MODELS[name], []
     best = {n: best_setup(m, n, response_len) for n in gpus}

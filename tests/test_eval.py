@@ -328,4 +328,5 @@ def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stdout == "" and "Loading weights" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: no such file: {tmp_path / 'nowhere' / 'gsm8k' / 'test.jsonl'}; "
-                                             f"pass --data_dir=DIR where DIR/gsm8k/test.jsonl exists"]
+                                             f"pass --data_dir=DIR where DIR/gsm8k/test.jsonl exists (the Zoo's "
+                                             "files: README, Data and benchmarks)"]

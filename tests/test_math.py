@@ -1,4 +1,4 @@
-"""The pure math of train.py against RECIPE.md and the variants' papers, and the micro-batch and rank split
+"""The pure math of train.py against the recipe (README) and the variants' papers, and the micro-batch and rank split
 invariance of the update in every --loss_agg mode."""
 import os
 import subprocess
@@ -49,7 +49,7 @@ def test_loss_matches_recipe_transcription():
     for eps_high in (eps, 0.28):  # the Zoo's symmetric clip, DAPO's clip-higher
         loss, st = grpo_loss(logp, old, ref, ent, adv, eps, eps_high, beta, c_ent)
         expected = 0.0
-        for i in range(N):  # RECIPE.md, one token at a time
+        for i in range(N):  # the recipe, one token at a time
             rho = float(torch.exp(logp[i] - old[i]))
             A = float(adv[i])
             pg = max(-A * rho, -A * min(max(rho, 1 - eps), 1 + eps_high))

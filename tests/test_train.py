@@ -318,6 +318,7 @@ def test_eval_every_logs_benchmark_accuracy(model_dir, data_file, tmp_path):
     assert all(m["eval_math500"] == 0.0 for m in metrics(out))  # a random tiny model is wrong, but it was evaluated
     r = run(flags(model_dir, data_file, str(tmp_path / "ev2"), eval_every=1, eval_data_dir=str(tmp_path / "nope")))
     assert r.returncode != 0 and "nope/math500/test.jsonl" in r.stderr and "Loading weights" not in r.stderr
+    assert "pass --eval_data_dir=DIR" in r.stderr  # train.py's flag, not eval.py's --data_dir
 
 
 @pytest.mark.slow

@@ -65,9 +65,11 @@ for phase in ("initial", "after_update"):
 from eval import evaluate  # noqa: E402
 copy_weights(policy, gen, group)
 bench = os.path.join(os.path.dirname(out), "bench")
-os.makedirs(os.path.join(bench, "math500"), exist_ok=True)
-with open(os.path.join(bench, "math500", "test.jsonl"), "w") as f:
-    f.writelines(json.dumps(dict(problem=f"What is {a} + 1?", answer=str(a + 1))) + "\n" for a in range(5))
+if rank == 0:  # one writer, then a barrier: a rank must not read the file while another truncates it
+    os.makedirs(os.path.join(bench, "math500"), exist_ok=True)
+    with open(os.path.join(bench, "math500", "test.jsonl"), "w") as f:
+        f.writelines(json.dumps(dict(problem=f"What is {a} + 1?", answer=str(a + 1))) + "\n" for a in range(5))
+dist.barrier()
 kw = dict(benchmarks=["math500"], data_dir=bench, template="chatml-short", max_new_tokens=6, batch_size=2, rank=rank,
           world=2)
 want, _ = evaluate(plain, tok, **kw)
