@@ -45,7 +45,7 @@ def test_greedy_is_deterministic(tokenizer):
     torch.manual_seed(123)
     b = generate(model, p, n=2, max_new_tokens=8, temperature=0, top_p=1.0, stop_ids=[0], pad_id=0)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_ids[0], a.response_ids[1])
-    ids, x = p[0], torch.tensor([p[0]])
+    x = torch.tensor([p[0]])  # (1, T)
     with torch.no_grad():  # greedy == argmax of a plain forward, token by token
         for t in range(int(a.lengths[0])):
             nxt = model(x).logits[0, -1].argmax()
