@@ -116,18 +116,38 @@ def _read_jsonl(path, template):
     return pairs
 
 
-def _download(data):
-    """Local path of HUB_ID:FOLDER/train.parquet, downloaded with huggingface_hub."""
-    repo_id, folder = data.split(":", 1)
+def hub_unreachable():
+    """None when the Hugging Face hub answers, else why not, in one line: a probe of at most 10 s, where
+    huggingface_hub's own downloads retry for about a minute before they fail."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
     try:
-        from huggingface_hub import hf_hub_download
+        get_session().head(constants.ENDPOINT, timeout=10)
+        return None
+    except Exception as e:  # (requests or httpx errors, by huggingface_hub version)
+        return f"{constants.ENDPOINT} does not answer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def _download(data):
+    """Local path of HUB_ID:FOLDER/train.parquet: downloaded with huggingface_hub, or its cached copy when the hub
+    does not answer."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    repo_id, folder = data.split(":", 1)
+    fix = (f"download it with `huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR` where there is "
+           f"a network and pass --data=DIR/{folder}")
+    if why := hub_unreachable():
+        cached = try_to_load_from_cache(repo_id, f"{folder}/train.parquet", repo_type="dataset")
+        if isinstance(cached, str):
+            return cached
+        raise DataError(f"{folder}/train.parquet of dataset {repo_id} is not in the local Hugging Face cache and "
+                        f"{why}; {fix}")
+    try:
         return hf_hub_download(repo_id, f"{folder}/train.parquet", repo_type="dataset")
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise DataError(f"could not download {folder}/train.parquet from dataset {repo_id} "
-                        f"({type(e).__name__}: {msg}); "
-                        f"download it with `huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR` "
-                        f"and pass --data=DIR/{folder}") from None
+                        f"({type(e).__name__}: {msg}); {fix}") from None
 
 
 def arith_split(split):

