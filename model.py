@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import distributed
 from data import hub_unreachable
@@ -193,13 +194,15 @@ def sequence_logprobs(policy, s, idx, temperature, device):
     return policy(ids.to(device), mask.to(device), temperature)
 
 
-def batch_logprobs(policy, s, plans, temperature, device):
+def batch_logprobs(policy, s, plans, temperature, device, progress=False):
     """No-grad log-probs of every sample in the micro-batch plans -> list indexed by sample of (len_b,) cpu tensors.
-    A DDP policy runs as its module (a no-grad forward has no gradients to sync)."""
+    A DDP policy runs as its module (a no-grad forward has no gradients to sync). progress: a bar over the
+    micro-batches."""
     policy = policy.module if isinstance(policy, DDP) else policy
     out = [None] * len(s.seqs)
+    micro_batches = [mb for plan in plans for mb in plan]
     with torch.no_grad():
-        for mb in (mb for plan in plans for mb in plan):
+        for mb in tqdm(micro_batches, desc="log-probs", unit="micro-batch", leave=False, disable=not progress):
             logp, _ = sequence_logprobs(policy, s, mb, temperature, device)
             for i, x in zip(mb, logp.float().cpu().split([s.response_len(i) for i in mb])):
                 out[i] = x

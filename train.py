@@ -435,9 +435,9 @@ def main(argv, score=None):
         minis, plans = plan_update(s, cfg, world, device)
         with autocast(device):
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
-            s.old_logp = batch_logprobs(m.policy, s, plans[1:], cfg.temperature, device)
+            s.old_logp = batch_logprobs(m.policy, s, plans[1:], cfg.temperature, device, progress=master)
             if m.ref is not None:
-                s.ref_logp = batch_logprobs(m.ref, s, plans, cfg.temperature, device)
+                s.ref_logp = batch_logprobs(m.ref, s, plans, cfg.temperature, device, progress=master)
         times.append(time.time())
 
         # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped.
