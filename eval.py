@@ -214,8 +214,8 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
              n=1, limit=None, batch_size=512, rank=0, world=1, seed=0, tp_group=None):
     """n responses per problem of each benchmark, graded -> (rows, summary) on rank 0, (None, None) on the others.
     Every rank must call it (rank 0 gathers). Leaves the weights and the caller's RNG as they were, and the model in
-    train mode if it was in train mode. Like vLLM, responses stop (finish "length") before max_new_tokens where
-    they would overflow the model's context (max_position_embeddings; here with the batch's longest prompt).
+    train mode if it was in train mode. Like vLLM, a response stops (finish "length") before max_new_tokens where
+    it would overflow the model's context (max_position_embeddings) after its own prompt.
     tp_group: `model` is tensor-parallel over groups of consecutive ranks
     (distributed.inference_copy); a group takes one share of the problems and decodes each batch of it together."""
     tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
@@ -234,11 +234,11 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
             torch.manual_seed(seed + rank)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size][tp_rank::tp]  # this rank's part of its group's batch
-                room = context - max(len(prompts[i]) for i in order[start:start + batch_size])  # (same in a group)
-                if room < 1:
+                room = [min(max_new_tokens, context - len(prompts[i])) for i in batch]  # each prompt's own room
+                if min(room, default=1) < 1:
                     raise ValueError(f"a {template} prompt fills the model's whole context of {context} tokens")
-                ro = generate(model, [prompts[i] for i in batch], n, min(max_new_tokens, room), temperature, top_p,
-                              stop_ids, tokenizer.pad_token_id, progress=rank == 0, tp_group=tp_group)  # prompt-major
+                ro = generate(model, [prompts[i] for i in batch], n, room, temperature, top_p, stop_ids,
+                              tokenizer.pad_token_id, progress=rank == 0, tp_group=tp_group)  # prompt-major
                 texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)])
                 for j, i in enumerate(batch):
                     own = slice(j * n, (j + 1) * n)  # the n samples of problem i

@@ -78,11 +78,14 @@ def stop_token_ids(tokenizer, extra_words=(), model_eos=None):
     return sorted(i for i in ids if i is not None)
 
 
-def response_mask(tokens, stop_ids):
-    """tokens (B, R) -> (mask (B, R) bool through the first stop token, lengths (B,), stopped (B,) bool)."""
+def response_mask(tokens, stop_ids, limits=None):
+    """tokens (B, R) -> (mask (B, R) bool through the first stop token, lengths (B,), stopped (B,) bool).
+    limits (B,): each row's max_new_tokens, where rows have their own (what follows is padding, whatever its id)."""
     is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))  # (B, R)
+    last = torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device) if limits is None else limits - 1
+    is_stop &= torch.arange(tokens.shape[1], device=tokens.device) <= last[:, None]
     stopped = is_stop.any(1)  # (B,)
-    first = torch.where(stopped, is_stop.int().argmax(1), tokens.shape[1] - 1)  # (B,) index of the last kept token
+    first = torch.where(stopped, is_stop.int().argmax(1), last)  # (B,) index of the last kept token
     mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= first[:, None]  # (B, R)
     return mask, first + 1, stopped
 
@@ -272,10 +275,11 @@ class SlotState:
     pos: torch.Tensor  # (S,) long: its position = tokens already in the slot's cache
     row: torch.Tensor  # (S,) long: the Rollout row the slot decodes (B: none)
     col: torch.Tensor  # (S,) long: the response index of the next sampled token
+    last: torch.Tensor  # (S,) long: the row's last response index (its max_new_tokens - 1)
 
     @classmethod
     def empty(cls, S, B, device):
-        st = cls(*(torch.zeros(S, dtype=torch.long, device=device) for _ in range(4)))
+        st = cls(*(torch.zeros(S, dtype=torch.long, device=device) for _ in range(5)))
         st.row.fill_(B)
         return st
 
@@ -310,7 +314,7 @@ def kv_slots(model, rows, prompt_len, cap, dtype, device, tp=1):
 def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature, top_p, is_stop, tp_group=None):
     """One token for each of slots [0, b): feeds its last token at its position, samples the next and writes it (and
     its log-prob) to (row, col) of the output buffers (B + 1, max_new_tokens); a row that samples a stop token or
-    fills its last column ends: its slot gets row = B and pos = 0 (the scratch row takes what it decodes until the
+    reaches its last column ends: its slot gets row = B and pos = 0 (the scratch row takes what it decodes until the
     host frees it). Fixed shapes, state changed in place, no host sync: capturable as a CUDA graph. keys: the key
     positions read by the masked-SDPA path (a multiple of 64 >= every live slot's pos + 1), None on the flash paths.
     With tp_group, the group's first rank's tokens are broadcast so its ranks decode the same rows."""
@@ -325,15 +329,17 @@ def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature
     out_tokens[row, col] = nxt
     if out_logprobs is not None:
         out_logprobs[row, col] = (logits / (temperature or 1.0)).log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
-    ended = is_stop[nxt] | (col == out_tokens.shape[1] - 1) | (row == out_tokens.shape[0] - 1)  # (b,) incl. free
+    ended = is_stop[nxt] | (col == st.last[:b]) | (row == out_tokens.shape[0] - 1)  # (b,) incl. free slots
     row.masked_fill_(ended, out_tokens.shape[0] - 1)
     pos.copy_((pos + 1).masked_fill_(ended, 0))
     col.copy_((col + 1).masked_fill_(ended, 0))
     tok.copy_(nxt)
 
 
-def _admit(model, cache, st, out_tokens, out_logprobs, prompt, slots, rows, temperature, top_p, is_stop, tp_group):
-    """Prefill one prompt ONCE into its G slots (its keys copied to each) and sample each sample's first token."""
+def _admit(model, cache, st, out_tokens, out_logprobs, prompt, limit, slots, rows, temperature, top_p, is_stop,
+           tp_group):
+    """Prefill one prompt ONCE into its G slots (its keys copied to each) and sample each sample's first token; its
+    rows end after `limit` tokens."""
     device = cache.device
     idx, rows = torch.tensor(slots, device=device), torch.tensor(rows, device=device)  # (G,)
     logits = model(input_ids=torch.tensor([prompt], device=device), position_ids=torch.arange(len(prompt),
@@ -345,7 +351,8 @@ def _admit(model, cache, st, out_tokens, out_logprobs, prompt, slots, rows, temp
     out_tokens[rows, 0] = nxt
     if out_logprobs is not None:
         out_logprobs[rows, 0] = (logits / (temperature or 1.0)).log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
-    ended = is_stop[nxt] | (out_tokens.shape[1] == 1)  # (G,)
+    ended = is_stop[nxt] | (limit == 1)  # (G,)
+    st.last[idx] = limit - 1
     st.tok[idx] = nxt
     st.pos[idx] = torch.where(ended, 0, len(prompt))
     st.row[idx] = torch.where(ended, out_tokens.shape[0] - 1, rows)
@@ -355,6 +362,7 @@ def _admit(model, cache, st, out_tokens, out_logprobs, prompt, slots, rows, temp
 def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
                     slots=0, tp_group=None, stats=None):
     """All prompts in one call on S KV-cache slots -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
+    max_new_tokens: an int, or one per prompt.
     Every SYNC_EVERY steps the host reads which slots' rows have ended (one sync), frees them, moves the busy slots
     above the gaps down into them (so slots [0, busy) are the busy ones; the moves copy those rows' live KV, outside
     the step), and while G = n slots are free prefills the next prompt once into G of them. Each step decodes slots
@@ -366,7 +374,8 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     stats (a dict), if given, gets slots, decode_forwards, row_steps (slot-rows decoded: b summed over steps),
     graphs, attention."""
     device = next(model.parameters()).device
-    G, B, M = n, len(prompts) * n, max_new_tokens
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    G, B, M = n, len(prompts) * n, max(limits)
     cap = max(map(len, prompts)) + M  # tokens a slot holds: the longest prompt and a full response
     tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
@@ -417,14 +426,14 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
                         live = held[s][0] + t - held[s][1]
                         cache[:, :, d, :live].copy_(cache[:, :, s, :live])
                     dst, src = torch.tensor(gaps, device=device), torch.tensor(movers, device=device)
-                    for x in (st.tok, st.pos, st.row, st.col):
+                    for x in (st.tok, st.pos, st.row, st.col, st.last):
                         x[dst] = x[src]
                     st.row[src], st.pos[src], st.col[src] = B, 0, 0
                     for d, s in zip(gaps, movers):
                         held[d] = held[s]
                 while waiting < len(prompts) and S - busy >= G:
-                    _admit(model, cache, st, out_tokens, out_logprobs, prompts[waiting], range(busy, busy + G),
-                           range(waiting * G, waiting * G + G), *args)
+                    _admit(model, cache, st, out_tokens, out_logprobs, prompts[waiting], limits[waiting],
+                           range(busy, busy + G), range(waiting * G, waiting * G + G), *args)
                     held[busy:busy + G] = [(len(prompts[waiting]), t)] * G
                     busy, waiting = busy + G, waiting + 1
                 if busy == 0:
@@ -450,7 +459,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
         stats.update(slots=S, decode_forwards=t, row_steps=row_steps, graphs=None if graphs is None else len(graphs),
                      attention=attention)
     tokens = out_tokens[:B]  # (B, M)
-    R = int(response_mask(tokens, stop_ids)[1].max())  # the longest response
+    R = int(response_mask(tokens, stop_ids, torch.tensor(limits, device=device).repeat_interleave(n))[1].max())
     return tokens[:, :R].cpu(), None if out_logprobs is None else out_logprobs[:B, :R].cpu()
 
 
@@ -458,6 +467,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
              progress=False, engine="slots", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
+    max_new_tokens: an int, or (engine "slots") a list of one per prompt (eval.py: each prompt's room in the context).
     engine: "slots" (default) | "pad" | "cb" (see the file docstring; BENCHMARKS.md times them).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it); not
     with "slots", which takes every prompt in one call and bounds its cache with `slots`.
@@ -474,15 +484,19 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     if engine == "slots" and max_prompts:
         raise ValueError("engine='slots' decodes all prompts in one call: bound its KV cache with slots=, "
                          "not max_prompts=")
-    if min(n, max_new_tokens) < 1:
+    per_prompt = isinstance(max_new_tokens, list)
+    if per_prompt and (engine != "slots" or len(max_new_tokens) != len(prompt_ids)):
+        raise ValueError("max_new_tokens as a list takes engine='slots' and one limit per prompt")
+    if min([n, *(max_new_tokens if per_prompt else [max_new_tokens])]) < 1:
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     own = slice(0, len(prompt_ids) * n)  # the caller's rows
-    if tp_group is not None:
+    if tp_group is not None:  # the group's prompts (and limits), in rank order
         pooled = [None] * torch.distributed.get_world_size(tp_group)
-        torch.distributed.all_gather_object(pooled, prompt_ids, group=tp_group)
-        before = sum(map(len, pooled[:torch.distributed.get_rank(tp_group)]))
+        torch.distributed.all_gather_object(pooled, (prompt_ids, max_new_tokens), group=tp_group)
+        before = sum(len(p) for p, _ in pooled[:torch.distributed.get_rank(tp_group)])
         own = slice(before * n, (before + len(prompt_ids)) * n)
-        prompt_ids = sum(pooled, [])
+        prompt_ids = [x for p, _ in pooled for x in p]
+        max_new_tokens = [x for _, m in pooled for x in m] if per_prompt else max_new_tokens
     chunk = max_prompts or len(prompt_ids)
     chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
     bar = _Progress(len(prompt_ids) * n, progress, "row") if engine == "slots" else \
@@ -502,7 +516,8 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     R = max(t.shape[1] for t, _ in outs)
     tokens = torch.cat([F.pad(t, (0, R - t.shape[1]), value=pad_id) for t, _ in outs])  # (B, R)
     logprobs = None if not return_logprobs else torch.cat([F.pad(l, (0, R - l.shape[1])) for _, l in outs])
-    mask, lengths, stopped = response_mask(tokens, stop_ids)
+    limits = torch.tensor(max_new_tokens).repeat_interleave(n) if per_prompt else None  # (B,)
+    mask, lengths, stopped = response_mask(tokens, stop_ids, limits)
     return Rollout(
         prompt_ids=[p for p in prompt_ids for _ in range(n)], response_ids=tokens.masked_fill(~mask, pad_id),
         response_mask=mask, lengths=lengths, finish_reason=["stop" if s else "length" for s in stopped.tolist()],

@@ -263,6 +263,7 @@ def one_step(model, S, ctx, cap=1100, temperature=0.8, top_p=0.9):
     st.tok.copy_(torch.randint(3, 300, (S,)))
     st.pos.fill_(ctx)
     st.row.copy_(torch.arange(S))
+    st.last.fill_(7)  # the rows' last column: out_tokens' last
     out_tokens, out_logprobs = torch.zeros(S + 1, 8, dtype=torch.long), torch.zeros(S + 1, 8)
     is_stop = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     with torch.no_grad(), slots_attention(model), OpLog() as log:
@@ -312,6 +313,7 @@ def test_decode_step_compiles_without_graph_breaks(tokenizer):
         st.tok.copy_(torch.tensor([5, 6, 7, 8]))
         st.pos.copy_(torch.tensor([10, 20, 30, 40]))
         st.row.copy_(torch.arange(S))
+        st.last.fill_(7)
         out_tokens, out_logprobs = torch.zeros(S + 1, 8, dtype=torch.long), torch.zeros(S + 1, 8)
         with torch.no_grad(), slots_attention(model):
             step(model, cache.clone(), st, out_tokens, out_logprobs, S, 64, 0, 1.0,

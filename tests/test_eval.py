@@ -195,6 +195,21 @@ def test_responses_stop_at_the_model_context(tokenizer, bench_dir):
     assert "length" in {r["finish_reasons"][0] for r in rows}  # the random model does run into the context
 
 
+def test_each_prompt_gets_its_own_room_in_the_context(tokenizer, tmp_path):
+    """As in vLLM, within one batch each prompt + response may fill the model's positions (here 80): a short prompt's
+    response is not cut at the room the batch's longest prompt leaves."""
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl",
+                [{"question": "What is 1 + 1?" + " Think." * k, "answer": "#### 2"} for k in (0, 1, 3)])
+    model = make_model(tokenizer, max_position_embeddings=80)
+    rows, _ = ev.evaluate(model, tokenizer, ["gsm8k"], str(tmp_path), "chatml-short", max_new_tokens=200,
+                          batch_size=3)
+    P = [len(tokenizer(ev.TEMPLATES["chatml-short"].replace("{question}", r["question"]))["input_ids"]) for r in rows]
+    assert P[0] < P[1] < P[2] < 60  # one batch of three prompt lengths
+    for r, p in zip(rows, P):
+        assert r["finish_reasons"][0] == "stop" or r["lengths"][0] == 80 - p
+    assert [r["finish_reasons"][0] for r in rows].count("length") >= 2, rows  # runs into the context, each its own
+
+
 def test_generation_config_eos_stops_responses(tokenizer, bench_dir):
     """A token that is EOS only in the model's generation_config (as Llama-3's <|eot_id|>) ends responses there."""
     model = make_model(tokenizer)

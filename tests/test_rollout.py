@@ -1,4 +1,5 @@
 """rollout.py: decode log-probs == training forward log-probs, prompt-major rows, stop-token masking."""
+import pytest
 import torch
 
 from conftest import make_model
@@ -84,3 +85,24 @@ def test_chunked_generation_equals_one_call(tokenizer):
     whole, parts = generate(model, prompts, **args), generate(model, prompts, **args, engine="pad", max_prompts=3)
     assert torch.equal(whole.response_ids, parts.response_ids) and torch.equal(whole.lengths, parts.lengths)
     assert whole.finish_reason == parts.finish_reason and parts.prompt_ids == whole.prompt_ids
+
+
+def test_a_limit_per_prompt_equals_each_prompt_alone(tokenizer):
+    """max_new_tokens as one limit per prompt (eval.py: each prompt's room in the context): every row equals that
+    prompt decoded alone with its own limit (tokens, mask, finish reason, log-probs), also where the pad id is a stop
+    token (so the padding after a row's limit must not read as a stop)."""
+    model = make_model(tokenizer).eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ["What is 3 + 5?", "0 1 2 3 4 5 6 7 8", "Hi"]]
+    limits, never = [3, 7, 1], len(tokenizer)  # a stop id no model emits: every row runs to its limit
+    for pad_id in (0, never):
+        args = dict(n=2, temperature=0, top_p=1.0, stop_ids=[never], pad_id=pad_id, return_logprobs=True)
+        together = generate(model, prompts, max_new_tokens=limits, **args)
+        assert together.lengths.tolist() == [3, 3, 7, 7, 1, 1] and set(together.finish_reason) == {"length"}
+        for k, (p, limit) in enumerate(zip(prompts, limits)):
+            alone, rows = generate(model, [p], max_new_tokens=limit, **args), slice(2 * k, 2 * k + 2)
+            R = alone.response_ids.shape[1]
+            assert torch.equal(together.response_ids[rows, :R], alone.response_ids)
+            assert not together.response_mask[rows, R:].any() and torch.equal(together.lengths[rows], alone.lengths)
+            assert torch.allclose(together.logprobs[rows, :R], alone.logprobs)
+    with pytest.raises(ValueError, match="engine='slots' and one limit per prompt"):
+        generate(model, prompts, max_new_tokens=limits, engine="pad", **args)
