@@ -318,7 +318,7 @@ def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature
     host frees it). Fixed shapes, state changed in place, no host sync: capturable as a CUDA graph. keys: the key
     positions read by the masked-SDPA path (a multiple of 64 >= every live slot's pos + 1), None on the flash paths.
     With tp_group, the group's first rank's tokens are broadcast so its ranks decode the same rows."""
-    tok, pos, row, col = st.tok[:b], st.pos[:b], st.row[:b], st.col[:b]  # (b,) views
+    tok, pos, row, col, last = st.tok[:b], st.pos[:b], st.row[:b], st.col[:b], st.last[:b]  # (b,) views
     attend = dict(slot_used=(pos + 1).int()) if keys is None else \
         dict(slot_mask=(torch.arange(keys, device=pos.device) <= pos[:, None])[:, None, None])  # (b, 1, 1, keys)
     logits = model(input_ids=tok[:, None], position_ids=pos[:, None], use_cache=False, slot_cache=cache[:, :, :b],
@@ -329,7 +329,7 @@ def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature
     out_tokens[row, col] = nxt
     if out_logprobs is not None:
         out_logprobs[row, col] = (logits / (temperature or 1.0)).log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
-    ended = is_stop[nxt] | (col == st.last[:b]) | (row == out_tokens.shape[0] - 1)  # (b,) incl. free slots
+    ended = is_stop[nxt] | (col == last) | (row == out_tokens.shape[0] - 1)  # (b,) incl. free slots
     row.masked_fill_(ended, out_tokens.shape[0] - 1)
     pos.copy_((pos + 1).masked_fill_(ended, 0))
     col.copy_((col + 1).masked_fill_(ended, 0))
