@@ -1,6 +1,7 @@
 """Prompts and gold answers for GRPO: loading, templating, tokenising, and the rank-sharded sampler.
 
-    examples, n_skipped = load_examples("hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", "qwen-boxed")
+    template = load_template("qwen-boxed", tokenizer)   # or "chat", a file, "Q: {question}\nA:"; checked
+    examples, n_skipped = load_examples("hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5", template)
     prompt_ids, golds, n_too_long = tokenize_examples(examples, tokenizer, max_prompt_len=1024)
     sampler = Sampler(len(prompt_ids), prompts_per_step=1024, seed=0, rank=rank, world=world)
     idx = sampler.next()   # this rank's 1024 // world prompt indices for this step
@@ -18,16 +19,29 @@ A gold with a GSM8K solution ("... #### 72") becomes the text after its last "##
     downloaded with huggingface_hub into its cache, then read like a local parquet file.
 Skipped and counted (n_skipped): rows whose prompt/question is missing, None, not a string or blank, or whose
 gold is missing, None, blank, NaN/inf, or neither a string nor a number (numbers become str(x): 27.0 -> "27.0").
-Raised as DataError (one line: the problem and the fix): unknown template, missing file, unknown extension,
+Raised as DataError (one line: the problem and the fix): a bad template (below), missing file, unknown extension,
 a parquet file without prompt/reward_model columns, a parquet prompt of several chat messages (a chat template
 is not applied here), an invalid JSON line (file and line number), zero usable rows,
 a failed hub download, prompts_per_step not a multiple of the world size, all prompts longer than max_prompt_len.
 Prompts longer than max_prompt_len tokens are dropped and counted (n_too_long), never silently.
-Templates are filled with str.replace("{question}", q), not str.format (the literal "\\boxed{}" has braces).
+
+Templates (--template of train.py and eval.py; load_template is the one path, Template.fill the one way a question
+becomes a prompt, in training and in eval): a TEMPLATES name; "chat", the tokenizer's own chat template
+(apply_chat_template with add_generation_prompt=True, one user message, rendered once with "{question}" in it and
+refused unless that equals rendering the question itself; a BOS it writes is dropped where the tokenizer adds one,
+so a prompt has one); a path to a text file; or the template itself, a string holding {question} (for several
+lines, a file: the flag's "\\n" stays two characters). Filled with
+str.replace("{question}", q), not str.format (the literal "\\boxed{}" has braces). Refused, with the fix, before any
+model loads: no {question} (every prompt would be the same); a tokenizer without a chat template under "chat";
+a <|..|> marker (<|im_start|>, <|im_end|>, ...) that is not one token of the tokenizer (a ChatML template on a Llama
+tokenizer: the model would read the marker as text, and with no <|im_end|> token the responses would stop at EOS
+only); a stop word (STOP_WORDS) that is not one token: the rollout stops on token ids only, so a word of several
+tokens could never stop it (refused rather than cut after decoding, which would still train on the tokens past it).
 """
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -44,12 +58,75 @@ TEMPLATES = {
     "chatml-short": "<|im_start|>user\n{question} Put the final answer within \\boxed{}.<|im_end|>\n"
                     "<|im_start|>assistant\n",
 }
-# Extra single-token stop words per template, on top of EOS / <|im_end|> / <|endoftext|>.
+# Extra stop words per template, each one token, on top of EOS and reward.STOP_STRINGS (<|im_end|>, ...).
 STOP_WORDS = {"qwen-boxed": [], "abel": ["Question", "Answer", "Problem"], "chatml-short": []}
+MARKER = re.compile(r"<\|[^|\s]+\|>")  # a special token written out in a template: <|im_start|>, <|eot_id|>
 
 
 class DataError(ValueError):
     """Bad data or data config; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class Template:
+    """A prompt template, checked against the tokenizer: load_template."""
+    name: str              # --template as given: a TEMPLATES name, "chat", a file path, or the template itself
+    text: str              # the prompt with "{question}" where the question goes
+    stop_words: list[str]  # one-token stop words on top of EOS and reward.STOP_STRINGS: STOP_WORDS[name], else none
+
+    def fill(self, question: str) -> str:
+        """The prompt of one question."""
+        return self.text.replace("{question}", question)
+
+
+def load_template(template: str, tokenizer=None) -> Template:
+    """--template (a TEMPLATES name, "chat", a file, or a string holding {question}) -> Template, checked against
+    the tokenizer (module docstring); DataError, one line, otherwise. tokenizer None: only the checks that need none
+    (and "chat" is refused)."""
+    names = f"{', '.join(TEMPLATES)}, chat"
+    if template in TEMPLATES:
+        text = TEMPLATES[template]
+    elif template == "chat":
+        if tokenizer is None:
+            raise DataError("--template=chat is the tokenizer's chat template: pass load_template('chat', tokenizer)")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("--template=chat needs a tokenizer with a chat template, and this one has none; use "
+                            f"--template=abel (plain text) or another of {names}")
+        render = lambda q: tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                         add_generation_prompt=True)
+        text = render("{question}")
+        if text.replace("{question}", "What is 3 + 5?") != render("What is 3 + 5?"):
+            raise DataError("the tokenizer's chat template does not put the question in as it is; write the prompt "
+                            "out in a file and pass --template=FILE")
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]  # tokenizing the prompt adds the BOS: one, not two
+    elif os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            text = f.read()
+        if "{question}" not in text:
+            raise DataError(f"template file {template} has no {{question}}, so every prompt would be the same; "
+                            "put {question} where the question goes")
+    elif "{question}" in template:
+        text = template
+    else:
+        raise DataError(f"--template={template!r} is not a template name ({names}), not a file, and holds no "
+                        "{question}, so every prompt would be the same; put {question} where the question goes")
+    words = STOP_WORDS.get(template, [])
+    if tokenizer is not None:
+        for marker in dict.fromkeys(MARKER.findall(text)):
+            n = len(tokenizer(marker, add_special_tokens=False)["input_ids"])
+            if n != 1:
+                raise DataError(f"--template={template!r} writes {marker}, which is {n} tokens of this tokenizer, not "
+                                "one special token: the model would read it as text, and responses would not stop at "
+                                "its end marker; use --template=chat (the tokenizer's own chat template) or abel")
+        for word in words:
+            if word not in tokenizer.get_vocab():
+                n = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+                raise DataError(f"stop word {word!r} of --template={template!r} is {n} tokens of this tokenizer, and "
+                                "the rollout stops on one token only; use --template=chat, or drop the word from "
+                                f"data.STOP_WORDS[{template!r}] (responses then stop at EOS)")
+    return Template(template, text, words)
 
 
 @dataclass
@@ -95,7 +172,7 @@ def _template_of(prompt):
     return None
 
 
-def _read_jsonl(path, template):
+def _read_jsonl(path, template: Template):
     """(templated prompt, gold) pairs of a .jsonl file with question/problem and answer/gold fields."""
     pairs = []
     with open(path, encoding="utf-8") as f:
@@ -112,7 +189,7 @@ def _read_jsonl(path, template):
             q, gold = (next((row[k] for k in keys if row.get(k) not in (None, "")), None)  # first non-blank field
                        for keys in (("question", "problem"), ("answer", "gold")))
             ok = isinstance(q, str) and q.strip()
-            pairs.append((TEMPLATES[template].replace("{question}", q) if ok else None, gold))
+            pairs.append((template.fill(q) if ok else None, gold))
     return pairs
 
 
@@ -168,13 +245,13 @@ def arith_split(split):
     return [(f"What is {a} + {b}?", str(a + b)) for a, b in pairs]
 
 
-def load_examples(data: str, template: str) -> tuple[list[Example], int]:
+def load_examples(data: str, template: Template | str) -> tuple[list[Example], int]:
     """(examples, n_skipped) from "arith", a .parquet file, a directory with train.parquet, a .jsonl file,
-    or "HUB_ID:FOLDER"; see the module docstring for formats and what is skipped."""
-    if template not in TEMPLATES:
-        raise DataError(f"unknown template {template!r}; pick one of {sorted(TEMPLATES)}")
+    or "HUB_ID:FOLDER", under `template` (a load_template result, or its --template string); see the module
+    docstring for formats and what is skipped."""
+    template = load_template(template) if isinstance(template, str) else template
     if data == "arith":
-        pairs = [(TEMPLATES[template].replace("{question}", q), gold) for q, gold in arith_split("train")]
+        pairs = [(template.fill(q), gold) for q, gold in arith_split("train")]
     else:
         path = data
         if not os.path.exists(path) and ":" in data:
@@ -188,8 +265,8 @@ def load_examples(data: str, template: str) -> tuple[list[Example], int]:
             pairs = _read_parquet(path)
             for i, (prompt, _) in enumerate(pairs):  # templated already: by the template we were told?
                 used = _template_of(prompt)
-                if used not in (None, template):
-                    raise DataError(f"{path} row {i} is templated with {used!r}, not --template={template}; "
+                if used is not None and TEMPLATES[used] != template.text:
+                    raise DataError(f"{path} row {i} is templated with {used!r}, not --template={template.name}; "
                                     f"pass --template={used} (it also picks the stop words)")
         elif path.endswith(".jsonl"):
             pairs = _read_jsonl(path, template)

@@ -12,9 +12,10 @@ DIR holds <benchmark>/test.jsonl (the Zoo's copies). Question and gold: gsm8k `q
 "####"; math500, aime24 `problem`, `answer`; amc23 `question`, `answer`; minerva_math `problem`, the last \boxed{} of
 `solution`; olympiadbench `context` (if any) + "\n" + `question`, `final_answer[0]` with every `$` removed. "arith"
 is built in (no file): the 100 two-digit additions held out from train.py's --data=arith (data.arith_split). The prompt
-is a data.TEMPLATES template, generation is rollout.generate, grading is reward.score. Flags are --name=value for any
-Config field, --preset first (base: greedy; rl: T 1.0, top_p 0.95); bad input stops with one error line before a
-model loads. Under torchrun, rank r takes problems[r::world] of all benchmarks together; rank 0 gathers and writes.
+is --template as in training (data.load_template: a TEMPLATES name, chat, a file or text with {question}), generation
+is rollout.generate, grading is reward.score. Flags are --name=value for any Config field, --preset first (base:
+greedy; rl: T 1.0, top_p 0.95); bad input stops with one error line before a model loads. Under torchrun, rank r
+takes problems[r::world] of all benchmarks together; rank 0 gathers and writes.
 
 Outputs in --out (--checkpoints: RUN_DIR/eval/step_NNNNNN/ per checkpoint, and step_000000 for the run's initial
 model, its RUN_DIR/config.json --model; one with a summary.json is skipped):
@@ -50,7 +51,7 @@ import torch.distributed as dist
 
 import logs
 import reward
-from data import STOP_WORDS, TEMPLATES, DataError, arith_split
+from data import DataError, arith_split, load_template
 from distributed import checkpoints, copy_weights
 from flags import parse_flags
 from model import load_lm, load_tokenizer, resolve_model
@@ -69,7 +70,7 @@ class Config:
     regrade: str = ""               # a generations.jsonl to grade again with the current reward.py (no model)
     benchmarks: str = ",".join(BENCHMARKS)  # comma-separated; DIR/<name>/test.jsonl each
     data_dir: str = "data/benchmarks"  # holds <benchmark>/test.jsonl (layouts above)
-    template: str = "qwen-boxed"    # data.TEMPLATES key (--checkpoints: the run's own unless given)
+    template: str = "qwen-boxed"    # as train.py's (--checkpoints: the run's own unless given)
     temperature: float = 0.0        # 0 = greedy, the Zoo's setting for base models
     top_p: float = 1.0              # nucleus sampling; 1.0 = off
     max_new_tokens: int = 16384     # response tokens; longer responses are cut (clip_ratio)
@@ -90,7 +91,6 @@ def parse_config(argv):
     cfg, given = parse_flags(argv, Config, PRESETS)
     for bad, msg in [(sum(map(bool, (cfg.model, cfg.checkpoints, cfg.regrade))) != 1,
                       "give exactly one of --model=PATH_OR_HUB_ID, --checkpoints=RUN_DIR, --regrade=FILE"),
-                     (cfg.template not in TEMPLATES, f"unknown --template={cfg.template}; use one of {[*TEMPLATES]}"),
                      (min(cfg.n, cfg.batch_size, cfg.max_new_tokens) < 1 or cfg.limit < 0,
                       "need --n, --batch_size, --max_new_tokens >= 1 and --limit >= 0"),
                      (cfg.n > 1 and cfg.temperature == 0, "--n > 1 needs --temperature > 0 (greedy samples are all "
@@ -100,6 +100,11 @@ def parse_config(argv):
                      (cfg.temperature < 0 or not 0 < cfg.top_p <= 1, "need --temperature >= 0 and 0 < --top_p <= 1")]:
         if bad:
             sys.exit(f"error: {msg}")
+    try:
+        if cfg.template != "chat":  # (the tokenizer's own: main checks it with the tokenizer, before the weights)
+            load_template(cfg.template)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     return cfg, given
 
 # -----------------------------------------------------------------------------
@@ -215,15 +220,16 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
     """n responses per problem of each benchmark, graded -> (rows, summary) on rank 0, (None, None) on the others.
     Every rank must call it (rank 0 gathers). Leaves the weights and the caller's RNG as they were, and the model in
     train mode if it was in train mode. Like vLLM, a response stops (finish "length") before max_new_tokens where
-    it would overflow the model's context (max_position_embeddings) after its own prompt.
-    tp_group: `model` is tensor-parallel over groups of consecutive ranks
+    it would overflow the model's context (max_position_embeddings) after its own prompt. template: --template, as
+    in training (data.load_template). tp_group: `model` is tensor-parallel over groups of consecutive ranks
     (distributed.inference_copy); a group takes one share of the problems and decodes each batch of it together."""
     tp, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group), dist.get_rank(tp_group))
     share = [p for b in benchmarks for p in load_benchmark(data_dir, b, limit)][rank // tp::world // tp]
-    prompts = [tokenizer(TEMPLATES[template].replace("{question}", p["question"]))["input_ids"] for p in share]
+    template = load_template(template, tokenizer)  # the --template string -> data.Template
+    prompts = [tokenizer(template.fill(p["question"]))["input_ids"] for p in share]
     order = sorted(range(len(share)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
     mine = []
-    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(template, []),
+    stop_ids = stop_token_ids(tokenizer, reward.STOP_STRINGS, template.stop_words,
                               getattr(model.generation_config, "eos_token_id", None))
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
     device, was_training = next(model.parameters()).device, model.training
@@ -236,7 +242,7 @@ def evaluate(model, tokenizer, benchmarks, data_dir, template, temperature=0.0, 
                 batch = order[start:start + batch_size][tp_rank::tp]  # this rank's part of its group's batch
                 room = [min(max_new_tokens, context - len(prompts[i])) for i in batch]  # each prompt's own room
                 if min(room, default=1) < 1:
-                    raise ValueError(f"a {template} prompt fills the model's whole context of {context} tokens")
+                    raise ValueError(f"a {template.name} prompt fills the model's whole context of {context} tokens")
                 ro = generate(model, [prompts[i] for i in batch], n, room, temperature, top_p, stop_ids,
                               tokenizer.pad_token_id, progress=rank == 0, tp_group=tp_group)  # prompt-major
                 texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)])
@@ -401,6 +407,10 @@ def main(argv):
               f"top_p {cfg.top_p} | {cfg.max_new_tokens} new tokens | n {cfg.n} | {world} ranks", flush=True)
     for name, out in jobs:
         t0, tokenizer = time.time(), load_tokenizer(name, cfg)
+        try:
+            load_template(template, tokenizer)  # checked against this tokenizer before the weights load
+        except DataError as e:
+            sys.exit(f"error: {e}")
         lm = load_lm(name, cfg, device, torch.bfloat16 if cuda else torch.float32)  # inference only: bf16 on GPU
         rows, summary = evaluate(lm, tokenizer, benchmarks, cfg.data_dir, template, cfg.temperature, cfg.top_p,
                                  cfg.max_new_tokens, cfg.n, cfg.limit, cfg.batch_size, rank, world, cfg.seed)

@@ -5,7 +5,8 @@ r"""Rule-based math reward for zero-RL: 1.0 if the response's final answer equal
     python reward.py IN.jsonl --out OUT.jsonl   # rows {"response", "gold", ...} -> same rows + "reward", "pred"
 
 Grading one response (grade_one, in-process, no timeout):
-  1. cut_response: the text before the first <|im_end|>, <|endoftext|> or </s>.
+  1. cut_response: the text before the first of STOP_STRINGS (<|im_end|>, <|endoftext|>, </s>), the strings the
+     rollouts of train.py and eval.py stop on too (with EOS and the template's stop words, which a response keeps).
   2. extract_answer: the LAST \boxed{..} or \fbox{..} (brace-matched; `\boxed 5` takes the next token), else the
      text after the last "the answer is"/"final answer is" ($..$ span, else one sentence; a comma ends it only
      before a word), else the last number.
@@ -57,6 +58,8 @@ from multiprocessing.connection import Connection, wait
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+# The end-of-turn strings, the one list of them: cut_response cuts at the first, and train.py and eval.py stop on
+# each that is one token of the vocabulary (rollout.stop_token_ids).
 STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "</s>")
 MAX_ANSWER_CHARS = 1000            # longer predictions/golds skip sympy (string compare only)
 MAX_BOX_CHARS = 20_000             # brace matching looks this far after the last \boxed

@@ -66,13 +66,19 @@ class _Progress(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def stop_token_ids(tokenizer, extra_words=(), model_eos=None):
-    """EOS plus the ChatML/GPT end tokens that exist in this vocabulary, plus single-token stop words (abel template),
-    plus model_eos: the model's generation_config.eos_token_id (an int, a list or None), on which vLLM stops too
-    (for Qwen2.5 it is the tokenizer's EOS; Llama-3.1-Instruct adds <|eom_id|> and <|eot_id|>)."""
+def stop_token_ids(tokenizer, end_strings, stop_words=(), model_eos=None):
+    """The ids a rollout stops on: EOS; each of end_strings (reward.STOP_STRINGS: <|im_end|>, <|endoftext|>, </s>)
+    that is one token of this vocabulary; each of stop_words (the template's: data.Template.stop_words), which must
+    be one token (ValueError otherwise: the engines stop on token ids, so a longer word would never stop a response;
+    data.load_template refuses such a template before any model loads); and model_eos: the model's
+    generation_config.eos_token_id (an int, a list or None), on which vLLM stops too (for Qwen2.5 it is the
+    tokenizer's EOS; Llama-3.1-Instruct adds <|eom_id|> and <|eot_id|>)."""
     ids, vocab = {tokenizer.eos_token_id}, tokenizer.get_vocab()
     ids.update([model_eos] if isinstance(model_eos, int) else model_eos or [])
-    for tok in ["<|im_end|>", "<|endoftext|>", "</s>", *extra_words]:
+    for word in stop_words:
+        if word not in vocab:
+            raise ValueError(f"stop word {word!r} is not one token of this tokenizer; the rollout stops on token ids")
+    for tok in [*end_strings, *stop_words]:
         if tok in vocab:  # (not `id != unk_token_id`: SmolLM2's unk IS <|endoftext|>)
             ids.add(tokenizer.convert_tokens_to_ids(tok))
     return sorted(i for i in ids if i is not None)

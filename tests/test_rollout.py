@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import reward
 from conftest import make_model
 from rollout import generate, response_mask, stop_token_ids
 from model import Policy
@@ -62,18 +63,23 @@ def test_response_mask_keeps_first_stop_token():
 
 
 def test_stop_token_ids(tokenizer):
-    ids = stop_token_ids(tokenizer)
+    ends = reward.STOP_STRINGS
+    ids = stop_token_ids(tokenizer, ends)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.eos_token_id in ids
     # SmolLM2's tokenizer: <|im_end|> is EOS and <|endoftext|> doubles as the unknown token; it still stops
     from transformers import PreTrainedTokenizerFast
     smol = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>")
-    assert smol.convert_tokens_to_ids("<|endoftext|>") in stop_token_ids(smol)
-    assert "<|nonexistent|>" not in smol.get_vocab() and len(stop_token_ids(smol, ["<|nonexistent|>"])) == 2
+    assert smol.convert_tokens_to_ids("<|endoftext|>") in stop_token_ids(smol, ends)
+    assert "</s>" not in smol.get_vocab() and len(stop_token_ids(smol, ends)) == 2  # an end string it lacks: skipped
+    with pytest.raises(ValueError, match="'<|nonexistent|>' is not one token"):  # a stop word it lacks: refused
+        stop_token_ids(smol, ends, ["<|nonexistent|>"])
+    assert stop_token_ids(smol, ends, ["<|im_start|>"]) == sorted({*stop_token_ids(smol, ends),
+                                                                   smol.convert_tokens_to_ids("<|im_start|>")})
     # the model's generation_config.eos_token_id (int or list) stops too, as in vLLM
-    assert stop_token_ids(tokenizer, model_eos=[7, 9]) == sorted({*ids, 7, 9})
-    assert stop_token_ids(tokenizer, model_eos=11) == sorted({*ids, 11})
-    assert stop_token_ids(tokenizer, model_eos=None) == ids
+    assert stop_token_ids(tokenizer, ends, model_eos=[7, 9]) == sorted({*ids, 7, 9})
+    assert stop_token_ids(tokenizer, ends, model_eos=11) == sorted({*ids, 11})
+    assert stop_token_ids(tokenizer, ends, model_eos=None) == ids
 
 
 def test_chunked_generation_equals_one_call(tokenizer):

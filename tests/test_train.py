@@ -18,6 +18,7 @@ import distributed
 import flags as flags_module
 import model
 import train
+from conftest import make_llama_tokenizer, make_model
 from reward import Grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,25 @@ def run(args, env=None, launcher=(sys.executable, "train.py")):
 
 def metrics(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_prepare_checks_the_template_against_the_tokenizer(data_file, tmp_path):
+    """A Llama tokenizer without ChatML tokens: prepare (before any model loads) stops on the ChatML template with
+    one line naming --template=chat, and under chat the prompts are apply_chat_template's."""
+    llama = make_llama_tokenizer()
+    folder = str(tmp_path / "llama")
+    make_model(llama).save_pretrained(folder)
+    llama.save_pretrained(folder)
+    cfg = train.parse_config(flags(folder, data_file, str(tmp_path / "o"), template="qwen-boxed"))
+    with pytest.raises(SystemExit, match=r"^error: --template='qwen-boxed' writes <\|im_start\|>, .*--template=chat") \
+            as err:
+        train.prepare(cfg, 0, 1)
+    assert "\n" not in str(err.value)
+    run = train.prepare(train.parse_config(flags(folder, data_file, str(tmp_path / "o"), template="chat")), 0, 1)
+    chat = lambda q: run.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+    assert run.template.name == "chat" and run.prompt_ids == [chat(json.loads(l)["question"])["input_ids"]
+                                                              for l in open(data_file)]
+    assert all(p.count(llama.bos_token_id) == 1 for p in run.prompt_ids)
 
 
 def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
