@@ -439,7 +439,7 @@ def main(argv, score=None):
     rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
         f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
-    create_adam_states(optimizer)  # (after a resume's load, which brings its own) before the first rollout sizes its cache
+    create_adam_states(optimizer)  # after a resume's load (which brings its own), before the first rollout's sizing
     if start == 0 and (evals := train_eval(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
         rec.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
 

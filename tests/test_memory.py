@@ -37,7 +37,8 @@ print(importlib.reload(train).ALLOC_CONF, os.environ.get("PYTORCH_ALLOC_CONF"))
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     default, user = r.stdout.strip().splitlines()[-2:]
-    assert default == "('expandable_segments:True', 'expandable_segments:True') PYTORCH_ALLOC_CONF=expandable_segments:True"
+    expandable = "expandable_segments:True"
+    assert default == f"('{expandable}', '{expandable}') PYTORCH_ALLOC_CONF={expandable}"
     assert user == "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:256 None"  # the user's, under the old name, untouched
 
 
@@ -156,3 +157,17 @@ def test_slots_that_fit_is_90_percent_of_free_less_a_prefill():
     assert slots_that_fit(free=1000, per_slot=100, prefill=50, rows=99) == (8, 8)  # (900 - 50) // 100
     assert slots_that_fit(free=1000, per_slot=100, prefill=50, rows=3) == (3, 8)
     assert slots_that_fit(free=10, per_slot=100, prefill=50, rows=3) == (0, 0)
+
+
+def test_train_step_slot_check_compares_the_fit_with_step_1(capsys):
+    """bench/train_step.py --min_slot_ratio: the uncapped capacity (rollout_slots_fit), since S = rows hides a
+    collapse; rollout_slots with a warning where the fit is missing; one error line where both are."""
+    from bench.train_step import slot_check
+    collapse = [dict(step=s, rollout_slots=64, rollout_slots_fit=f) for s, f in [(1, 105), (2, 11), (3, 11)]]
+    assert slot_check(collapse, 0.95) == ("rollout_slots_fit", [105, 11, 11], [2, 3])
+    stable = [dict(step=s, rollout_slots=64, rollout_slots_fit=f) for s, f in [(1, 93), (2, 92), (3, 93)]]
+    assert slot_check(stable, 0.95) == ("rollout_slots_fit", [93, 92, 93], [])
+    capped = [dict(step=s, rollout_slots=64, rollout_slots_fit=None) for s in (1, 2, 3)]
+    assert slot_check(capped, 0.95) == ("rollout_slots", [64, 64, 64], []) and "warning" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither rollout_slots_fit nor rollout_slots"):
+        slot_check([dict(step=1), dict(step=2)], 0.95)
