@@ -91,6 +91,9 @@ def build_model(name, folder, device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # this process waits while train.py runs: it must not keep the model's memory cached
 
 
 def estimate(name, flags, nproc):
