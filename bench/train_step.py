@@ -23,7 +23,9 @@ The KV-slot check (MEMORY.md, risk 1: the slot cache must not shrink from step 2
 
 exits non-zero unless every step's slot capacity is at least that ratio of step 1's. It reads metrics.jsonl's
 `rollout_slots_fit` (the slots that fit in the free memory, before the cap of the rows: with few rows S = rows would
-hide a collapse), or, with a warning, `rollout_slots` where a train.py lacks the first; it needs --steps >= 3.
+hide a collapse), or, with a warning, `rollout_slots` where a train.py lacks the first; it needs --steps >= 3. With
+few rows (the command above: S = its 64 rows) it catches step 1 sizing without AdamW's states; the cache stranded by
+what is carved from its freed segment needs rows above the slots that fit (MEMORY.md: the allocator check shows it).
 
 train.py runs under torchrun through this file (`--worker`, internal): `train.main(flags, score=exact_integer)`, a
 grader that needs no math-verify (the GPU machine may lack it): 1.0 when the answer reward.py extracts (the last box,
