@@ -297,24 +297,42 @@ def kv_shape(model, S, cap, tp=1):
     return c.num_hidden_layers, 2, S, cap, c.num_key_value_heads // tp, D
 
 
+def slots_that_fit(free, per_slot, prefill, rows):
+    """-> (S, fit): fit = how many slots of `per_slot` bytes fit in 90% of `free` bytes less one prefill's
+    activations (`prefill` bytes), S = min(rows, fit). `free` must be what ONE new tensor can get: the driver's free
+    memory (mem_get_info) after torch.cuda.empty_cache(). Facts of the CUDA caching allocator (torch 2.6-2.13;
+    MEMORY.md, risk 1) that make it so:
+    - empty_cache returns to the driver only what no live tensor holds on to. Without expandable segments that is
+      whole segments: the last rollout's cache was one segment, and once anything is carved from it after it is freed
+      (AdamW's states at the first optimizer.step()), the whole segment stays reserved; its free part (memory_reserved
+      - memory_allocated) is fragments that one cache-sized tensor cannot use, so it is not counted here (counting it
+      was a likely OOM at step 2), and from then on `free` is only the ~10% the cache left: S collapses.
+    - With expandable segments (PYTORCH_ALLOC_CONF=expandable_segments:True, train.py's default) empty_cache unmaps
+      every free page, even inside a partly used segment, so `free` counts them again; with AdamW's states created
+      before the first rollout (train.create_adam_states) every step's rollout then sees the same `free` and S."""
+    fit = max(0, int((0.9 * free - prefill) // per_slot))
+    return min(rows, fit), fit
+
+
 def kv_slots(model, rows, prompt_len, cap, dtype, device, tp=1):
-    """How many slots of `cap` tokens to allocate -> (S, line to print). CPU: one per row. CUDA: 90% of the free
-    memory less a prefill's activations (bench/memory.py's estimate), over a slot's KV bytes plus its share of the
-    step's temporaries (~56 bytes per vocabulary entry: bf16 and fp32 logits, softmax, sort values and indices,
-    cumsum, the race's float64 noise, log-softmax). Free = what the driver reports after the allocator has released
-    its unused blocks: blocks it cannot release (a segment still partly in use, e.g. by Adam's states placed in the
-    last rollout's freed cache) are fragments that one cache-sized allocation could not use anyway."""
+    """How many slots of `cap` tokens to allocate -> (S, fit, line to print); fit: the slots that fit before the cap
+    of `rows` (None on CPU). CPU: one per row. CUDA: slots_that_fit with the free memory after empty_cache(), a
+    prefill's activations (bench/memory.py's estimate) and a slot's bytes: its KV plus its share of the step's
+    temporaries (~56 bytes per vocabulary entry: bf16 and fp32 logits, softmax, sort values and indices, cumsum, the
+    race's float64 noise, log-softmax). The line also shows the memory the allocator keeps cached but cannot give
+    back (reserved - allocated): large only without expandable segments, where it is what the cache lost."""
     if device.type != "cuda":
-        return rows, f"rollout: {rows} slots (one per row, CPU)"
+        return rows, None, f"rollout: {rows} slots (one per row, CPU)"
     c = model.config
     L, _, _, _, Hkv, D = kv_shape(model, 1, cap, tp)
     per_slot = cap * 2 * L * Hkv * D * dtype.itemsize + 56 * c.vocab_size
+    prefill = prompt_len * (8 * c.hidden_size + 3 * c.intermediate_size) * 2
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0]
-    prefill = prompt_len * (8 * c.hidden_size + 3 * c.intermediate_size) * 2
-    S = max(0, min(rows, int((0.9 * free - prefill) // per_slot)))
-    return S, (f"rollout: {S} slots for {rows} rows ({per_slot / 2**20:.0f} MiB per slot: KV of {cap} tokens + "
-               f"logits; {free / 2**30:.1f} GiB free)")
+    stuck = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    S, fit = slots_that_fit(free, per_slot, prefill, rows)
+    return S, fit, (f"rollout: {S} slots for {rows} rows ({fit} fit; {per_slot / 2**20:.0f} MiB per slot: KV of {cap} "
+                    f"tokens + logits; {free / 2**30:.1f} GiB free, {stuck / 2**30:.1f} GiB cached and not free)")
 
 
 def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature, top_p, is_stop, tp_group=None):
@@ -388,7 +406,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
         else next(model.parameters()).dtype  # K/V as the attention computes them (autocast: bf16)
     out_tokens = torch.full((B + 1, M), pad_id, dtype=torch.long, device=device)  # (B + 1, M): row B is scratch
     out_logprobs = torch.zeros((B + 1, M), device=device) if return_logprobs else None  # (allocated before sizing)
-    S, line = (min(slots, B), f"rollout: {min(slots, B)} slots (given)") if slots else \
+    S, fit, line = (min(slots, B), None, f"rollout: {min(slots, B)} slots (given)") if slots else \
         kv_slots(model, B, max(map(len, prompts)), cap, dtype, device, tp)
     if tp_group is not None:  # ranks of a group run one schedule: the smallest budget of them
         agreed = torch.tensor([S], device=device)

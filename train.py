@@ -32,7 +32,16 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
+# The CUDA allocator's settings, read when torch is imported (torch >= 2.9; older torch at CUDA's start): expandable
+# segments, so that torch.cuda.empty_cache() gives back the freed pages of a partly used segment and every step's
+# rollout finds the same free memory for its KV slots (rollout.slots_that_fit; MEMORY.md, risk 1). A user's own
+# setting, under either name, wins. torch >= 2.9 reads PYTORCH_ALLOC_CONF (and warns on the old name when it is alone).
+if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_ALLOC_CONF"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+ALLOC_CONF = next(f"{k}={os.environ[k]}" for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+                  if k in os.environ)  # the one torch >= 2.9 reads (older torch reads only the second)
+
+import torch  # noqa: E402  (after the allocator's settings)
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -307,6 +316,28 @@ def update(policy, optimizer, s, minis, plans, cfg, world, device, progress=Fals
     return sums, grad_norms, skipped
 
 
+def create_adam_states(optimizer):
+    """Creates AdamW's per-parameter state now, as its first step() would (torch 2.6-2.13, Adam(W)._init_group):
+    step, a 0-dim zero, float32 on the parameter's device when fused or capturable, else on the CPU (float64 under a
+    float64 default dtype); exp_avg and exp_avg_sq (and max_exp_avg_sq with amsgrad) zeros like the parameter (a
+    DTensor shard under FSDP). step() leaves existing state alone, so the updates are bit-identical; what it changes is
+    WHEN the memory is taken: before the first rollout, so step 1's KV slots are sized with the memory every later
+    step has (without it, step 1 sizes its cache from memory that Adam then takes; MEMORY.md, risk 1). Parameters that
+    already have state (a resumed optimizer's) or never get a gradient (requires_grad False) are skipped."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad or optimizer.state.get(p):
+                continue
+            on_device = group["fused"] or group["capturable"]
+            dtype = torch.float32 if group["fused"] or torch.get_default_dtype() != torch.float64 else torch.float64
+            state = dict(step=torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu"),
+                         exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                         exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p].update(state)
+
+
 def autocast(device):
     """bf16 compute over fp32 master weights on GPU; fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -398,6 +429,8 @@ def main(argv, score=None):
     tokenizer, local_rank = run.tokenizer, int(os.environ.get("LOCAL_RANK", 0))
     device = distributed.init(cfg, rank, world, local_rank, run.state["step"] if run.state else 0)
     log(run.summary)
+    if device.type == "cuda":
+        log(f"CUDA allocator: {ALLOC_CONF}")
     m = load_models(cfg, run.ckpt, device, master, local_rank, world)
     stop_ids = stop_token_ids(tokenizer, reward.STOP_STRINGS, run.template.stop_words,
                               m.lm.generation_config.eos_token_id)
@@ -410,6 +443,7 @@ def main(argv, score=None):
     rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
         f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
+    create_adam_states(optimizer)  # after a resume's load (which brings its own), before the first rollout's sizing
     if start == 0 and (evals := train_eval(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
         rec.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
 

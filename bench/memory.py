@@ -16,7 +16,7 @@ from collections import namedtuple
 GIB = 2**30
 GPU = 80 * GIB               # H100-80GB as planned (torch sees ~79.6 GiB, of which the CUDA context and NCCL take ~1-2)
 BUDGET = 0.9 * GPU           # load and update peaks must stay under it: ~10% for fragmentation, NCCL, CUDA context
-FREE_SHARE = 0.9             # rollout.kv_slots: slots take 90% of the free memory (cached blocks count as free)
+FREE_SHARE = 0.9             # rollout.slots_that_fit: slots take 90% of the free memory (after empty_cache)
 SLOT_TEMPS = 56              # rollout.kv_slots: bytes per vocabulary entry of a slot's decode-step temporaries
 PROMPTS, G, PROMPT_LEN = 1024, 8, 1024  # train.Config: prompts_per_step, samples_per_prompt, max_prompt_len
 LOGIT_CHUNK = 2048           # model.token_logprobs chunk rows
@@ -89,20 +89,26 @@ def load_peak(m, mode, n, tp=1):
     return 4 * P / n + 2 * P / n + max(2 * m.vocab * m.hidden, inference_copy(m, tp))
 
 
+def adam_states(m, mode, n):
+    """AdamW's m and v, fp32: 8P per rank under ddp, 8P/N under zero2/zero3 (sharded like the parameters). train.py
+    creates them before the first rollout (train.create_adam_states), so every step's rollout has them resident."""
+    return 8 * n_params(m) / (1 if mode == "ddp" else n)
+
+
 def resident(m, mode, n, phase, tp=1):
     """Bytes per rank, by component, outside the KV cache and activations. phase: 'gen' (rollout) or 'update'
-    (backward). Steady state (step >= 2): Adam's m and v exist from the first optimizer step on."""
+    (backward). Adam's m and v exist from before the first rollout on (adam_states)."""
     P, upd = n_params(m), phase == "update"
     out = {"inference copy": inference_copy(m, tp)}
     if mode == "ddp":  # full fp32 replica + Adam; the gradients live in DDP's buckets (gradient_as_bucket_view), which
         # exist from load on with several ranks; alone, the gradients exist in the update only (zero_grad(set_to_none))
-        out.update({"params+grads+adam": (12 + 4 * (n > 1 or upd)) * P, "ref": 2 * P})
+        out.update({"params+grads+adam": (4 + 4 * (n > 1 or upd)) * P + adam_states(m, mode, n), "ref": 2 * P})
         # autocast caches a bf16 copy of every fp32 weight that requires grad (no_grad or not) until the `with autocast`
         # block exits: one mini-batch of the update (and the log-prob passes). The rollout reads the bf16 copy: none.
         out["bf16 weights"] = 2 * P * upd
         return out
     # FSDP2: fp32 shards of params (+ grads in the update; zero_grad(set_to_none) frees them) and Adam m, v
-    out.update({"params+grads+adam": (4 + 4 * upd + 8) * P / n, "ref": 2 * P / n})  # ref: bf16, resharded
+    out.update({"params+grads+adam": (4 + 4 * upd) * P / n + adam_states(m, mode, n), "ref": 2 * P / n})  # ref: bf16
     if not upd:  # the rollout gathers nothing: copy_weights unshards one unit at a time, before the KV cache exists
         out["bf16 weights"] = 0
     elif mode == "zero2":  # every layer stays gathered through forward+backward
