@@ -294,7 +294,7 @@ def cuda_kernels(model, compile):
                 first_call_s=round(warm, 1), model_layers=L, goal_per_layer=15)
 
 
-def step_times(model, prompts=8, G=8, m=129):
+def step_times(model, modes, prompts=8, G=8, m=129):
     """Decode step time of engine "slots" at b = prompts x G rows (all busy for m - 1 steps): eager (CUDA_GRAPHS off;
     what --gen_tp pays), CUDA graphs, and CUDA graphs of the compiled step (rollout.COMPILE, where it exists). Each mode
     runs twice: the first call includes the compile (and every call its captures); step_ms = stats decode_s /
@@ -302,7 +302,8 @@ def step_times(model, prompts=8, G=8, m=129):
     V = model.config.vocab_size
     ids = [[3 + i, 4, 5, 6] for i in range(prompts)]
     lines = []
-    for name, graphs, compile in [("eager", False, False), ("graphs", True, False), ("graphs+compile", True, True)]:
+    for name in modes:  # "eager" | "graphs" | "graphs+compile"
+        graphs, compile = name != "eager", name == "graphs+compile"
         if compile and not hasattr(rollout, "COMPILE"):
             lines.append(dict(step_time=name, note="rollout.COMPILE missing on this branch"))
             continue
@@ -386,7 +387,7 @@ def main():
         args.threads = args.threads or 1  # 2 OpenMP threads on a 2-core box shared with other jobs ran 5-20x slower
     if args.threads:
         torch.set_num_threads(args.threads)
-    engines = args.engines.split(",")
+    engines = [e for e in args.engines.split(",") if e]  # --engines= : none (e.g. --kernels only)
     if set(engines) - {"slots", "pad", "hf_cb"}:
         ap.error(f"--engines: expected slots, pad, hf_cb; got {args.engines}")
     cuda = torch.cuda.is_available()
@@ -396,11 +397,13 @@ def main():
     name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     hbm, peak = next((v for k, v in GPUS.items() if k in name), (None, None))
     print(json.dumps(op_counts(model) | dict(model=args.model_config, device=name)), flush=True)
-    if args.kernels and cuda:
-        for compile in (False, True):
-            print(json.dumps(cuda_kernels(model, compile) or dict(kernels="compiled", note="rollout.COMPILE missing"))
-                  | dict(model=args.model_config), flush=True)
-        for line in step_times(model):
+    if args.kernels and cuda:  # eager and graphs first: the compile (minutes at worst) last
+        print(json.dumps(cuda_kernels(model, False) | dict(model=args.model_config)), flush=True)
+        for line in step_times(model, ["eager", "graphs"]):
+            print(json.dumps(line | dict(model=args.model_config, device=name)), flush=True)
+        print(json.dumps((cuda_kernels(model, True) or dict(kernels="compiled", note="rollout.COMPILE missing"))
+                         | dict(model=args.model_config)), flush=True)
+        for line in step_times(model, ["graphs+compile"]):
             print(json.dumps(line | dict(model=args.model_config, device=name)), flush=True)
 
     cap, G, B = args.max_new_tokens, args.samples, args.prompts * args.samples
