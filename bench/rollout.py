@@ -38,7 +38,8 @@ the calls; "pad": forwards of one token per row; "hf_cb": all its forwards that 
 CUDA graph replays are not seen, `hf_graphs` says whether it used them).
 ideal_forwards = max(ceil(sum(lengths - 1) / S), max(lengths) - 1): S slots decode at most S tokens per forward, the
 longest row needs max(lengths) - 1 forwards (every engine samples a row's first token from its prompt's prefill).
-schedule_efficiency = ideal_forwards / decode_forwards. fifo_forwards = the forwards of the best schedule that admits
+schedule_efficiency = ideal_forwards / decode_forwards (hf_cb's can pass 1: its pages are taken as rows grow, so
+more than S short rows fit in the pages of S full-length rows). fifo_forwards = the forwards of the best schedule that admits
 rows in prompt order into S slots as they free (one row at a time, no lag). row_steps = rows decoded, summed over
 forwards.
 Roofline (CUDA only; GPU table GPUS: H100 SXM 3.35 TB/s, H200 4.8 TB/s, 989 TFLOP/s dense bf16 both):
@@ -464,8 +465,9 @@ def main():
                     model=args.model_config, dtype=str(dtype)[6:],
                     attn=stats.get("attention") or model.config._attn_implementation) | extra
         if engine == "slots":  # the engine's own stats; None where this branch's engine does not fill a key
-            line |= {k: stats.get(k) for k in ("graphs", "prefill_forwards", "refills", "prefill_s", "capture_s",
-                                               "decode_s", "occupancy", "tail_forwards", "roofline_s")}
+            line |= {k: round(v, 3) if isinstance(v, float) else v for k, v in
+                     ((k, stats.get(k)) for k in ("graphs", "prefill_forwards", "refills", "prefill_s", "capture_s",
+                                                  "decode_s", "occupancy", "tail_forwards", "roofline_s"))}
             if stats.get("roofline_s") is not None and stats.get("decode_s"):
                 line["decode_roofline_pct"] = round(100 * stats["roofline_s"] / stats["decode_s"], 1)
             else:
