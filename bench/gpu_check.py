@@ -192,8 +192,9 @@ def main():
     args = ap.parse_args()
     if args.dry or not torch.cuda.is_available():
         cpu = torch.device("cpu")
+        torch.set_num_threads(1)  # a shared 2-core box: 2 OpenMP threads ran 5-20x slower (bench/rollout.py --quick)
         print(json.dumps(end_to_end(cpu, torch.float32, count=5, max_new_tokens=16)), flush=True)
-        print(json.dumps(sampling_check(cpu, torch.float32, prompts=64, n=8, slots=32, max_new_tokens=3)), flush=True)
+        print(json.dumps(sampling_check(cpu, torch.float32, prompts=32, n=8, slots=32, max_new_tokens=3)), flush=True)
         return
     device = torch.device("cuda")
     for check in (lambda: attention_check(device), lambda: end_to_end(device, torch.bfloat16),

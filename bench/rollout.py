@@ -6,8 +6,8 @@ Times each engine on one workload, side by side in one process, under one KV bud
 - first, for the model it runs, `ops`: the non-view aten ops per layer per decode step of engine "slots" (the CPU proxy
   for kernel launches; goal <= 15 per layer), counted by a TorchDispatchMode over eager decode steps (op_counts);
 - with --kernels on CUDA, `kernels`: the CUDA kernels one eager decode step launches, with rollout.COMPILE False and
-  True (torch.profiler; cuda_kernels), and `step_time`: the decode step's time eager, as CUDA graphs, and as CUDA graphs
-  of the compiled step, with the compile time (step_times);
+  True (torch.profiler; cuda_kernels; the compiled line's first_call_s holds the compile time), and `step_time`: the
+  decode step's time eager, as CUDA graphs, and as CUDA graphs of the compiled step (step_times);
 - then one line per engine: decode forwards, schedule efficiency, useful tokens/s, and on CUDA the % of the roofline
   and the peak memory.
 
@@ -298,8 +298,10 @@ def cuda_kernels(model, compile):
 def step_times(model, modes, prompts=8, G=8, m=129):
     """Decode step time of engine "slots" at b = prompts x G rows (all busy for m - 1 steps): eager (CUDA_GRAPHS off;
     what --gen_tp pays), CUDA graphs, and CUDA graphs of the compiled step (rollout.COMPILE, where it exists). Each mode
-    runs twice: the first call includes the compile (and every call its captures); step_ms = stats decode_s /
-    decode_forwards of the second call (wall / forwards where decode_s is missing)."""
+    runs twice (every call captures its graphs); step_ms = stats decode_s / decode_forwards of the second call (wall /
+    forwards where decode_s is missing). The compile itself (rollout caches the compiled step per process, for every
+    b) happens in the first call that compiles: main runs cuda_kernels(model, True) first, whose first_call_s holds it
+    (when step_times runs alone, compile_s_estimate = first call - second call does)."""
     V = model.config.vocab_size
     ids = [[3 + i, 4, 5, 6] for i in range(prompts)]
     lines = []
