@@ -21,7 +21,7 @@
    logits are all zero (uniform over the vocabulary) decoded with graphs repeats its previous token at a rate ~1/V
    (a baked RNG offset would give the same draw at every replay: rate ~1).
 One JSON line per check, each with ok: true/false. --dry runs 2 and 3 on the CPU in fp32 at toy sizes (plumbing only:
-no graphs there).
+no graphs there; at its 256 rows the T = 1.25 control can miss p < 1e-3, so ok may read false).
 """
 import argparse
 import json
