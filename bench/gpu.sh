@@ -35,7 +35,8 @@ if [ $DRY = 1 ]; then  # toy sizes on the CPU
   STEADY="--model_config=quick --workload steady --prompts 8 --samples 2 --prompt_len 16 --max_new_tokens 32 --mean_len 8 --slots 4 --threads 1"
   KERNELS="--model_config=quick --kernels --threads 1"
   ENGINES="--model_config=quick --prompts 4 --samples 2 --prompt_len 16 --max_new_tokens 32 --slots 4 --threads 1"
-  U15="--quick"; U7="--quick"
+  U15="--model_config=tiny --samples 8 --max_response 128 --micro_batch_tokens 4096 --repeats 1"
+  U7="$U15 --dtype=bf16"
   if [ "${BLOCK:-1}" = 1 ]; then  # the bare-box imports: any import of these three fails, in every python started below
     mkdir -p "$OUT/block"
     cat > "$OUT/block/sitecustomize.py" <<'EOF'
