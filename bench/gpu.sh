@@ -56,11 +56,11 @@ else
   CHECK=""
   STEADY="--model_config=qwen2.5-7b --workload steady --prompts 384 --samples 8 --prompt_len 256 --max_new_tokens 512 --mean_len 256 --slots 512"
   KERNELS="--model_config=qwen2.5-1.5b --kernels"
-  ENGINES="--model_config=qwen2.5-1.5b --prompts 16 --samples 8 --prompt_len 256 --max_new_tokens 512 --slots 64"
+  ENGINES="--model_config=qwen2.5-1.5b --prompts 16 --samples 8 --prompt_len 256 --max_new_tokens 384 --slots 64"
   U15="--model_config=qwen2.5-1.5b --samples 32 --max_response 2048 --repeats 1"
   U7="--model_config=qwen2.5-7b --dtype=bf16 --samples 16 --max_response 2048 --repeats 1 --micro_batch_tokens 16384"
 fi
-T=(90 45 90 110 70 35 45)  # each part's timeout in seconds (x SLOW under --dry), in the order of the parts below
+T=(90 60 90 100 65 35 45)  # each part's timeout in seconds (x SLOW under --dry), in the order of the parts below
 TOTAL=0; for t in "${T[@]}"; do TOTAL=$((TOTAL + t * SLOW)); done
 echo "=== parts' timeouts sum to $TOTAL s ($((TOTAL / 60)) min $((TOTAL % 60)) s); estimates sum to ~6 min"
 
@@ -86,8 +86,8 @@ part 0_train_step ${T[0]} "60 s" python bench/train_step.py $STEP
 # 1. Engine "slots" on the GPU paths the CPU tests cannot reach: flash decode attention vs masked SDPA; CUDA graphs vs
 #    eager at the same batch sizes (greedy tokens), greedy vs "pad", decode log-probs vs a teacher-forced forward;
 #    sampling at T = 1: graph vs eager token histograms (chi-square, with a chance and a real-difference control),
-#    fresh noise at every replay. Estimate 30 s.
-part 1_gpu_check ${T[1]} "30 s" python bench/gpu_check.py $CHECK
+#    fresh noise at every replay. Estimate: imports 10 s, checks 20-30 s: 40 s.
+part 1_gpu_check ${T[1]} "40 s" python bench/gpu_check.py $CHECK
 
 # 2. "slots" at the 7B shape in its steady state: 384 prompts x 8 = 3072 rows of 128-384 tokens (uniform) on 512
 #    slots, so most forwards run at b = 512 (compute-bound on an H200: the roofline is max(bytes, flops)): the decode
@@ -102,8 +102,8 @@ part 2_slots_7b_steady ${T[2]} "60 s" python bench/rollout.py $STEADY --engines 
 part 3_kernels_1.5b ${T[3]} "80 s" python bench/rollout.py $KERNELS --engines=
 
 # 4. Engines under one KV budget, 1.5B: "slots" vs "pad" vs HF continuous batching ("hf_cb", bench-only), 16 prompts
-#    x 8 on 64 slots, lognormal lengths (mean 50, 1% at 512). Estimate: build 5 s, slots 3 s, pad 2 calls x ~510
-#    steps x 20 ms = 20 s, hf_cb (sdpa, dense mask) 20-40 s: 50-70 s.
+#    x 8 on 64 slots, lognormal lengths (mean 37.5, 1% at 384). Estimate: imports and build 15 s, slots 3 s, pad 2
+#    calls x ~380 steps x 20 ms = 15 s, hf_cb (sdpa, dense mask) 15-30 s: 50-65 s.
 part 4_engines_1.5b ${T[4]} "60 s" python bench/rollout.py $ENGINES --engines slots,pad,hf_cb
 
 # 5. Update tokens/s and MFU (6 x params without an untied input embedding x tokens; mfu_with_attn adds attention),

@@ -408,6 +408,8 @@ def main():
                          | dict(model=args.model_config)), flush=True)
         for line in step_times(model, ["graphs+compile"]):
             print(json.dumps(line | dict(model=args.model_config, device=name)), flush=True)
+    if not engines:
+        return
 
     cap, G, B = args.max_new_tokens, args.samples, args.prompts * args.samples
     prompts = workload(args, model.config.vocab_size, cap)
