@@ -72,7 +72,8 @@ def small_model(device, dtype, scale=8.0):
 
 
 def decode_sizes(model):
-    """Records the batch size of every eager decode forward (graph replays are not seen; captures are) -> (set, handle)."""
+    """Records the batch size of every eager decode forward (graph replays are not seen; captures are)
+    -> (set, handle)."""
     seen = set()
     handle = model.register_forward_pre_hook(
         lambda m, a, kw: seen.add(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,

@@ -2,8 +2,8 @@
 
 Reads OUT/status.tsv (each part's exit status, seconds, estimate, timeout) and the JSON lines of each part's log
 (OUT/<part>.log, lines that parse as a JSON object), and prints, part by part, its status line (and a failed part's
-last log line) and one line per JSON object: its label (the first of check / engine / ops / kernels / step_time / mode / step) and its fields as key=value,
-less the ones that repeat on every line (device, dtype, prompt_len). Exit 124 = the part ran past its timeout
+last log line) and one line per JSON object: its label (the first of check / engine / ops / kernels / step_time / mode /
+step) and its fields as key=value, less the ones that repeat on every line (device, dtype, prompt_len). Exit 124 = the part ran past its timeout
 (137: killed after it). Only the standard library: it runs where the parts failed to import anything.
 """
 import json

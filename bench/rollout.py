@@ -1,5 +1,6 @@
-"""Rollout engine throughput, schedule and per-step cost: python bench/rollout.py [--quick] [--model_config=qwen2.5-1.5b|
-qwen2.5-7b] [--prompts 64] [--samples 8] [--max_new_tokens 1024] [--mean_len 100] [--workload zoo|steady] [--slots 0]
+"""Rollout engine throughput, schedule and per-step cost: python bench/rollout.py [--quick]
+[--model_config=qwen2.5-1.5b|qwen2.5-7b] [--prompts 64] [--samples 8] [--max_new_tokens 1024] [--mean_len 100]
+[--workload zoo|steady] [--slots 0]
 [--dtype=bf16|fp32] [--engines slots,pad,hf_cb] [--kernels]
 
 Times each engine on one workload, side by side in one process, under one KV budget, and prints JSON lines:
@@ -39,8 +40,8 @@ CUDA graph replays are not seen, `hf_graphs` says whether it used them).
 ideal_forwards = max(ceil(sum(lengths - 1) / S), max(lengths) - 1): S slots decode at most S tokens per forward, the
 longest row needs max(lengths) - 1 forwards (every engine samples a row's first token from its prompt's prefill).
 schedule_efficiency = ideal_forwards / decode_forwards (hf_cb's can pass 1: its pages are taken as rows grow, so
-more than S short rows fit in the pages of S full-length rows). fifo_forwards = the forwards of the best schedule that admits
-rows in prompt order into S slots as they free (one row at a time, no lag). row_steps = rows decoded, summed over
+more than S short rows fit in the pages of S full-length rows). fifo_forwards = the forwards of the best schedule that
+admits rows in prompt order into S slots as they free (one row at a time, no lag). row_steps = rows decoded, summed over
 forwards.
 Roofline (CUDA only; GPU table GPUS: H100 SXM 3.35 TB/s, H200 4.8 TB/s, 989 TFLOP/s dense bf16 both):
 - decode_roofline_pct ("slots"): the engine's stats["roofline_s"] / stats["decode_s"]: the sum over its decode
