@@ -6,8 +6,12 @@
 
 Workload: `samples` sequences, prompt 200 tokens, response lengths drawn log-uniformly in [32, max_response] (a Zoo-like
 spread), one mini-batch split into micro-batches of --micro_batch_tokens by train.plan_micro_batches. Tokens/s counts
-real (unpadded) prompt+response tokens; MFU = 6 * params * tokens / seconds / peak FLOP/s (H100 SXM bf16 dense:
-989e12; on CPU there is no peak to compare with, so mfu is null and achieved TFLOP/s is printed). "packed" needs a
+real (unpadded) prompt+response tokens. MFU = 6 * matmul params * tokens / seconds / peak FLOP/s, matmul params =
+all parameters except an untied input embedding (a lookup, no matmul: ~7% of Qwen2.5-7B; a tied one is also the LM
+head, so it stays); attention's own flops (QK^T and AV, causal: 6 * layers * width * s^2 per sequence of s tokens,
+forward + backward) are NOT in `mfu` and are added in `mfu_with_attn`; gradient checkpointing's recomputed forward is
+in neither (it is overhead, not model flops). Peak: H100 / H200 SXM bf16 dense 989e12; on CPU there is no peak to
+compare with, so the mfu fields are null and achieved TFLOP/s is printed. "packed" needs a
 varlen attention kernel to be fast (flash-attn); on SDPA it is correct but builds a dense block mask. One JSON line
 per mode. --dtype=fp32 (default) is train.py's ddp update: fp32 weights and gradients under bf16 autocast (on GPU; 10
 bytes/param with autocast's bf16 weight copy, 71 GiB for 7B: too much for one 80 GB GPU next to the activations).
@@ -59,7 +63,9 @@ def main():
     lm = lm.to({"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
-    n_params = sum(p.numel() for p in lm.parameters())
+    n_params = sum(p.numel() for p in lm.parameters())  # all (printed), and those in matmuls (the MFU's)
+    matmul_params = n_params - (0 if lm.config.tie_word_embeddings else lm.get_input_embeddings().weight.numel())
+    width, layers = lm.config.hidden_size, lm.config.num_hidden_layers
     V = lm.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rlens = [int(math.exp(torch.empty(1).uniform_(math.log(32), math.log(a.max_response), generator=g))) for _ in
@@ -88,13 +94,15 @@ def main():
         sec = min(times[1:])
         tokens = sum(len(x) for x in seqs)
         padded_tokens = sum(len(mb) * max(len(seqs[i]) for i in mb) for mb in plan)
-        flops = 6 * n_params * tokens / sec
+        flops = 6 * matmul_params * tokens / sec  # FLOP/s of the matmuls with weights
+        attn_flops = sum(6 * layers * width * len(x) ** 2 for x in seqs) / sec  # causal QK^T and AV, fwd + bwd
         print(json.dumps(dict(mode="packed" if packed else "padded", model=a.model_config, attn=attn, dtype=a.dtype,
                               device=torch.cuda.get_device_name() if cuda else "cpu", samples=a.samples,
                               micro_batches=len(plan), tokens=tokens,
                               computed_tokens=tokens if packed else padded_tokens, seconds=round(sec, 3),
-                              tokens_per_s=round(tokens / sec, 1), tflops=round(flops / 1e12, 3),
-                              mfu=round(flops / 989e12, 4) if cuda else None,
+                              tokens_per_s=round(tokens / sec, 1), params=n_params, matmul_params=matmul_params,
+                              tflops=round(flops / 1e12, 3), mfu=round(flops / 989e12, 4) if cuda else None,
+                              mfu_with_attn=round((flops + attn_flops) / 989e12, 4) if cuda else None,
                               peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None)),
               flush=True)
 
