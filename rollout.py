@@ -3,14 +3,13 @@
     from rollout import generate
     ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0)
 
-Three engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
+Two engines behind one function, chosen by `engine=`; both sample from the same distribution, give the same greedy
 outputs (in fp32; bf16 kernels that depend on the batch shape can flip near-ties) and return the same `Rollout`
-(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "slots" is the default.
+(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "slots" is the default. (Engine "cb", HF
+continuous batching, was removed: on transformers 5.17 its num_return_sequences returns only the parent requests, and
+on CPU it was 2.4x slower than "slots"; bench/ keeps a comparison.)
 - "pad":   HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows: the reference. Every row is
            decoded until the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
-- "cb":    HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
-           top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
-           where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
 - "slots": all prompts in one call on S KV-cache slots (`slots=`, or as many as fit in the free GPU memory): a prompt
            is prefilled ONCE into G = n free slots, a row frees its slot when it ends and the next prompt takes the
            freed slots, so no row waits for another. The cache is static, (layers, 2, S, longest prompt +
@@ -37,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria
-from transformers.generation import ContinuousBatchingConfig  # where the 5.8-5.24 docs import it
 
 
 @dataclass
@@ -147,54 +145,6 @@ def _generate_pad(model, prompts, n, max_new_tokens, temperature, top_p, stop_id
     logprobs = torch.stack([(z.float() / T).log_softmax(-1).gather(1, tokens[:, t, None]).squeeze(1)
                             for t, z in enumerate(out.logits)], 1)  # (B, R)
     return tokens.cpu(), logprobs.cpu()
-
-
-def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
-                 memory=0.0):
-    """HF continuous batching -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
-    Its sampler applies exactly the warpers _get_logits_processor builds from our config (temperature if != 1, top_p
-    if < 1; do_sample must be set, None means greedy there) and samples softmax of the result; its log-probs are
-    log of that softmax, so with top_p < 1 they are renormalised over the nucleus (not what training computes)."""
-    if return_logprobs and top_p < 1:
-        raise ValueError("engine='cb' returns log-probs of the top_p-renormalised distribution; use top_p=1 or "
-                         "engine='slots'/'pad' with return_logprobs")
-    greedy = temperature == 0
-    rows = [p for p in prompts for _ in range(n)]  # prompt-major
-    config = GenerationConfig(  # greedy forbids num_return_sequences > 1: repeat the prompt instead
-        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
-        eos_token_id=list(stop_ids), pad_token_id=pad_id)
-    # Paged KV cache: `memory` of the free GPU memory (0: HF's default). Without flash-attn (sdpa) HF packs the batch
-    # into one sequence under a dense (max_batch_tokens, cache tokens) mask: each query scores every key of the batch.
-    # On CPU (where HF would take 60% of RAM) we size it for this batch instead: every row at full length in pages of
-    # 32 tokens, and max_batch_tokens cut so the mask stays under 2^26 entries (the default took 18 s to fill on 2
-    # cores).
-    # With flash-attn HF captures CUDA graphs; not across FSDP's per-layer hooks (zero2/zero3: they sync streams).
-    from torch.distributed.fsdp import FSDPModule
-    fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
-    cache = ContinuousBatchingConfig(return_logprobs=return_logprobs, max_memory_percent=memory or None,
-                                     use_cuda_graph=False if fsdp else None)
-    if next(model.parameters()).device.type == "cpu":
-        cache.page_size = 32
-        cache.num_blocks = len(rows) * -(-(max(map(len, prompts)) + max_new_tokens) // cache.page_size)
-        cache.max_batch_tokens = max(64, min(8192, 2 ** 26 // (cache.num_blocks * cache.page_size)))
-    training = model.training
-    with _neutral_generation_config(model):
-        out = model.generate_batch(rows if greedy else prompts, generation_config=config,
-                                   continuous_batching_config=cache, progress_bar=not bar.disable)
-    model.train(training)  # generate_batch leaves the model in eval mode
-    # generate_batch logs failed or missing requests instead of raising; it lists a prompt's samples in input order
-    results = list(out.values())
-    if len(results) != len(rows) or any(r.error or r.prompt_ids != p for r, p in zip(results, rows)):
-        raise RuntimeError(f"generate_batch returned {len(results)}/{len(rows)} complete requests in prompt order")
-    R = max(len(r.generated_tokens) for r in results)
-    tokens = torch.full((len(rows), R), pad_id, dtype=torch.long)  # (B, R)
-    logprobs = torch.zeros((len(rows), R)) if return_logprobs else None  # (B, R)
-    for i, r in enumerate(results):
-        tokens[i, :len(r.generated_tokens)] = torch.tensor(r.generated_tokens)
-        if return_logprobs:
-            logprobs[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
-    return tokens, logprobs
 
 
 # -----------------------------------------------------------------------------
@@ -465,20 +415,18 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
 
 @torch.no_grad()
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False, engine="slots", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
+             progress=False, engine="slots", max_prompts=0, tp_group=None, slots=0, stats=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
     max_new_tokens: an int, or (engine "slots") a list of one per prompt (eval.py: each prompt's room in the context).
-    engine: "slots" (default) | "pad" | "cb" (see the file docstring; BENCHMARKS.md times them).
+    engine: "slots" (default) | "pad" (see the file docstring; BENCHMARKS.md times them).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it); not
     with "slots", which takes every prompt in one call and bounds its cache with `slots`.
     tp_group: the process group of a tensor-parallel model (distributed.inference_copy). Its ranks decode the prompts
     of all of them together, as one batch, and each gets the rows of its own prompts. Engine "slots" only.
-    cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes (0: HF's default, 0.9,
-    or 0.8 when temperature/top_p processors run).
     slots: engine "slots": KV-cache slots (rows decoded at once); 0 sizes them from the free GPU memory (CPU: one
     per row). stats: engine "slots": a dict it fills with slots, decode_forwards, row_steps, graphs, attention."""
-    if engine not in ("slots", "pad", "cb"):
-        raise ValueError(f"engine={engine!r}: expected 'slots', 'pad' or 'cb'")
+    if engine not in ("slots", "pad"):
+        raise ValueError(f"engine={engine!r}: expected 'slots' or 'pad'")
     if tp_group is not None and engine != "slots":
         raise ValueError("a tensor-parallel model (tp_group) generates with engine='slots' only")
     if engine == "slots" and max_prompts:
@@ -500,17 +448,15 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     chunk = max_prompts or len(prompt_ids)
     chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
     bar = _Progress(len(prompt_ids) * n, progress, "row") if engine == "slots" else \
-        _Progress(max_new_tokens * len(chunks), progress, "step")  # slots: rows finished; pad, cb: decode steps
+        _Progress(max_new_tokens * len(chunks), progress, "step")  # slots: rows finished; pad: decode steps
     outs = []  # (tokens (b, R_c), logprobs (b, R_c) or None) per chunk
     try:
         for c in chunks:
             args = (model, c, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs)
             if engine == "slots":
                 outs.append(_generate_slots(*args, bar.bar, slots, tp_group, stats))
-            elif engine == "pad":
-                outs.append(_generate_pad(*args, bar))
             else:
-                outs.append(_generate_cb(*args, bar.bar, cb_memory))
+                outs.append(_generate_pad(*args, bar))
     finally:
         bar.bar.close()
     R = max(t.shape[1] for t, _ in outs)

@@ -85,10 +85,9 @@ class Config:
     seed: int = 0                   # prompt order and sampling RNG (both re-seeded per step from it)
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
-    engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate) | cb
+    engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate)
     rollout_slots: int = 0          # engine slots: rows decoded at once (KV-cache slots); 0 = as many as fit (CPU: all)
-    rollout_prompts: int = 0        # engines pad/cb: prompts per generate call (bounds their KV cache); 0 = all
-    cb_memory: float = 0.0          # engine cb on GPU: free-memory share of its paged KV cache; 0 = HF's (0.8-0.9)
+    rollout_prompts: int = 0        # engine pad: prompts per generate call (bounds its KV cache); 0 = all
     gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), and also at step 0 (before any
                                     # update, verl's val_before_train) and at the last step; metrics.jsonl and the
@@ -127,8 +126,8 @@ def parse_config(argv):
     cfg, _ = parse_flags(argv, Config, PRESETS)
     if cfg.shard not in ("ddp", "zero2", "zero3"):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
-    if cfg.engine not in ("slots", "pad", "cb"):
-        sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad, cb")
+    if cfg.engine not in ("slots", "pad"):
+        sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad")
     if cfg.export_dtype not in ("auto", "bfloat16", "float16", "float32"):
         sys.exit(f"error: --export_dtype={cfg.export_dtype} is not one of auto, bfloat16, float16, float32")
     if cfg.loss_agg not in ("token", "seq", "seq_sum_norm"):
@@ -140,13 +139,12 @@ def parse_config(argv):
                           cfg.max_response_len, cfg.gen_tp) < 1,
                       "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --max_response_len and "
                       "--gen_tp must be >= 1"),
-                     (cfg.cb_memory > 1, "--cb_memory must be in [0, 1] (0: HF's default)"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
                      (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
                      (cfg.gen_tp > 1 and cfg.engine != "slots", "--gen_tp > 1 needs --engine=slots"),
-                     (cfg.rollout_slots and cfg.engine != "slots", "--rollout_slots is for --engine=slots; pad and cb "
-                      "take --rollout_prompts"),
-                     (cfg.rollout_prompts and cfg.engine == "slots", "--rollout_prompts is for --engine=pad/cb; slots "
+                     (cfg.rollout_slots and cfg.engine != "slots", "--rollout_slots is for --engine=slots; pad takes "
+                      "--rollout_prompts"),
+                     (cfg.rollout_prompts and cfg.engine == "slots", "--rollout_prompts is for --engine=pad; slots "
                       "takes --rollout_slots (0 = as many as fit)"),
                      (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
         if bad:
@@ -379,8 +377,7 @@ def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
     with autocast(m.rollout_lm.device):
         return generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
                         cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine,
-                        max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory,
-                        slots=cfg.rollout_slots)
+                        max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, slots=cfg.rollout_slots)
 
 
 def main(argv, score=None):

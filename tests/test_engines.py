@@ -1,4 +1,4 @@
-"""rollout.py engines ("pad", "cb", "slots"): identical greedy outputs, decode log-probs == training forward,
+"""rollout.py engines ("pad", "slots"): identical greedy outputs, decode log-probs == training forward,
 and the same sampling distribution, checked against exact next-token probabilities of a tiny model. "slots" runs on
 2 prompts' worth of slots, so that its slots are refilled; its schedule, its decode step (no host sync, no copy of the
 cache, the same ops at any context) and the step's compiled trace are checked at the end."""
@@ -17,7 +17,7 @@ from model import Policy
 from rollout import SlotState, decode_step, generate, kv_shape, slots_attention
 from train import Samples, sequence_logprobs
 
-ENGINES = ["pad", "cb", "slots"]
+ENGINES = ["pad", "slots"]
 TEXTS = ["What is 3 + 5?", "1 2", "Let's think step by step. 7 + 2 =", "9"]  # different lengths: left padding
 
 
@@ -57,7 +57,7 @@ def test_greedy_engines_identical(tokenizer):
 
 def test_dropping_finished_rows_keeps_greedy_outputs(tokenizer):
     """Stop on a token that greedy decoding emits at different steps for different prompts (and never for some), so
-    rows leave the "slots" and "cb" batches at different times; the outputs must still equal "pad"'s."""
+    rows leave the "slots" batch at different times; the outputs must still equal "pad"'s."""
     model = sharp_model(tokenizer)
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     args = dict(n=2, max_new_tokens=20, temperature=0, top_p=1.0)
@@ -72,9 +72,9 @@ def test_dropping_finished_rows_keeps_greedy_outputs(tokenizer):
         assert torch.equal(ro.lengths, pad.lengths) and ro.finish_reason == pad.finish_reason, e
 
 
-@pytest.mark.parametrize("engine,top_p", [("pad", 1.0), ("cb", 1.0), ("slots", 1.0), ("slots", 0.9)])
+@pytest.mark.parametrize("engine,top_p", [("pad", 1.0), ("slots", 1.0), ("slots", 0.9)])
 def test_decode_logprobs_equal_training_forward(tokenizer, engine, top_p):
-    """Sampled rows that stop at different steps (1 in 64 tokens is a stop token) and run past cb's 32-token pages:
+    """Sampled rows that stop at different steps (1 in 64 tokens is a stop token) and run past 32 tokens:
     the decode log-probs of every row equal a fresh forward's, so the rows kept in the cache as others end are the
     right ones."""
     model = make_model(tokenizer).eval()
@@ -97,13 +97,11 @@ def test_decode_logprobs_equal_training_forward(tokenizer, engine, top_p):
 
 
 def test_bad_arguments_raise(tokenizer):
-    """cb's log-probs under top_p are of the renormalised nucleus: refused, as is an unknown engine."""
+    """An unknown engine ("cb": removed), max_prompts with "slots", fewer slots than samples: refused."""
     model = make_model(tokenizer).eval()
-    with pytest.raises(ValueError, match="top_p"):
-        run(model, [[5, 6]], "cb", n=2, max_new_tokens=4, temperature=1.0, top_p=0.9, stop_ids=[0],
-            return_logprobs=True)
-    with pytest.raises(ValueError, match="engine"):
-        run(model, [[5, 6]], "vllm", n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, stop_ids=[0])
+    for engine in ("vllm", "cb"):
+        with pytest.raises(ValueError, match="engine"):
+            run(model, [[5, 6]], engine, n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, stop_ids=[0])
     with pytest.raises(ValueError, match="max_prompts"):  # "slots" takes all prompts at once
         run(model, [[5, 6]], "slots", n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, stop_ids=[0], max_prompts=1)
     with pytest.raises(ValueError, match="fewer than the n=2 samples"):
