@@ -155,6 +155,13 @@ CUDA_GRAPHS = True                # capture the decode step as CUDA graphs where
 
 
 @functools.cache
+def _capture_stream(device):
+    """The one side stream on which this process warms up and captures every decode graph: a stream per captured
+    shape would cost each its own cuBLAS workspace."""
+    return torch.cuda.Stream(device)
+
+
+@functools.cache
 def _flash_attn_with_kvcache():
     """flash_attn.flash_attn_with_kvcache where flash-attn imports, else None (then torch's own flash kernel)."""
     try:
@@ -395,14 +402,14 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
                 step()
             elif b in graphs:
                 graphs[b].replay()
-            else:  # this shape's first step runs eagerly on a side stream (warm-up), then is captured (not run)
-                side = torch.cuda.Stream()
+            else:  # this shape's first step runs eagerly on the side stream (warm-up), then is captured (not run)
+                side = _capture_stream(device)
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     step()
                 torch.cuda.current_stream().wait_stream(side)
                 graphs[b] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[b], pool=pool):
+                with torch.cuda.graph(graphs[b], pool=pool, stream=side):
                     step()
             t, row_steps, tokens = t + 1, row_steps + b, tokens + busy
     if stats is not None:
