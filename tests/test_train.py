@@ -405,3 +405,22 @@ def test_bf16_export_keeps_fp32_master_weights_for_resume(model_dir, data_file, 
     assert {v.dtype for f in os.listdir(folder) if f.endswith(".safetensors")
             for v in load_file(os.path.join(folder, f)).values()} == {torch.bfloat16}
     assert json.load(open(os.path.join(folder, "config.json")))["dtype"] == "bfloat16"
+
+
+def test_rollout_stats_in_metrics(model_dir, data_file, tmp_path, capsys):
+    """Engine "slots" on 8 slots for 16 rows (two refills at least): metrics.jsonl has its rollout keys, consistent
+    (ideal <= forwards, occupancy in (0, 1], efficiency = ideal / forwards), and the step line its schedule
+    efficiency; engine "pad" logs none of them (absent, not zero). CPU: no roofline, no uncapped slot count."""
+    keys = {"rollout_slots", "rollout_forwards", "rollout_ideal_forwards", "rollout_sched_eff", "rollout_occupancy",
+            "rollout_tail_forwards", "t_prefill"}
+    out = str(tmp_path / "slots")
+    train.main(flags(model_dir, data_file, out, steps=1, save_every=0, mini_batches=1, rollout_slots=8))
+    m = metrics(out)[0]
+    assert keys <= set(m) and "rollout_roofline" not in m and "rollout_slots_fit" not in m, m
+    assert m["rollout_slots"] == 8 and m["rollout_ideal_forwards"] <= m["rollout_forwards"] > 0
+    assert 0 < m["rollout_occupancy"] <= 1 and m["rollout_sched_eff"] == m["rollout_ideal_forwards"] / \
+        m["rollout_forwards"] and 0 <= m["rollout_tail_forwards"] <= m["rollout_forwards"] and m["t_prefill"] > 0
+    assert f"sched {m['rollout_sched_eff']:.2f} |" in capsys.readouterr().out
+    out = str(tmp_path / "pad")
+    train.main(flags(model_dir, data_file, out, steps=1, save_every=0, mini_batches=1, engine="pad"))
+    assert not keys & set(metrics(out)[0]) and "sched " not in capsys.readouterr().out
