@@ -98,9 +98,10 @@ def memory_meaning(device):
 
 
 def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skipped, times, seq_lens, rollout_mem,
-                 device):
+                 device, rollout_stats=None):
     """One metrics.jsonl row: sums over all ranks (every rank calls this), then means (loss stats: over the tokens
-    trained on). times: the step's five timestamps (start, rollout, reward, log-probs, update done)."""
+    trained on). times: the step's five timestamps (start, rollout, reward, log-probs, update done). rollout_stats:
+    this rank's rollout.generate stats (rollout_metrics)."""
     G = cfg.samples_per_prompt
     groups = rewards.view(-1, G)  # (B/G, G)
     tot = dict(zip(sums, distributed.all_sum(list(sums.values()), device)))
@@ -125,7 +126,26 @@ def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skippe
                 grade_timeouts=int(to_s), grade_errors=int(fail_n),
                 t_rollout=t1 - t0, t_reward=t2 - t1, t_logprobs=t3 - t2, t_update=t4 - t3, t_step=t4 - t0,
                 gen_tok_s=ro.lengths.sum().item() / (t1 - t0), train_tok_s=sum(seq_lens) / (t4 - t3),
-                peak_mem_gib=max(rollout_mem, peak_memory_gib(device)), peak_mem_rollout_gib=rollout_mem)
+                peak_mem_gib=max(rollout_mem, peak_memory_gib(device)), peak_mem_rollout_gib=rollout_mem,
+                **rollout_metrics(rollout_stats or {}))
+
+
+def rollout_metrics(stats):
+    """The metrics.jsonl keys of engine "slots"' stats (rollout._generate_slots; each rank's own rollout, rank 0's
+    logged): its slots (and how many fit, uncapped, on GPU), decode forwards, the ideal count and their ratio, mean
+    occupancy, forwards under a quarter full, prefill seconds, and on a GPU of rollout.GPU_PEAKS the HBM/compute
+    roofline's share of the decode seconds. {} for engine "pad" (no stats): the keys are absent, not zero."""
+    if not stats:
+        return {}
+    m = dict(rollout_slots=stats["slots"], rollout_forwards=stats["decode_forwards"],
+             rollout_ideal_forwards=stats["ideal_forwards"], rollout_sched_eff=stats["schedule_efficiency"],
+             rollout_occupancy=stats["occupancy"], rollout_tail_forwards=stats["tail_forwards"],
+             t_prefill=stats["prefill_s"])
+    if stats.get("slots_fit") is not None:
+        m["rollout_slots_fit"] = stats["slots_fit"]
+    if stats.get("roofline_s") is not None and stats["decode_s"] > 0:
+        m["rollout_roofline"] = stats["roofline_s"] / stats["decode_s"]
+    return m
 
 
 def duration(seconds):
@@ -138,6 +158,12 @@ def eval_line(m):
     """The eval accuracies of a metrics row (eval_<benchmark>, %) as the end of its step line; "" when none."""
     accs = "".join(f" | {k} {v:.1f}" for k, v in m.items() if k.startswith("eval_") and "/" not in k)
     return f"{accs} ({m['t_eval']:.0f}s eval)" if accs else ""
+
+
+def rollout_line(m):
+    """The rollout's schedule efficiency (and on GPU its % of the decode roofline) for the step line; "" for "pad"."""
+    roof = f", roofline {100 * m['rollout_roofline']:.0f}%" if "rollout_roofline" in m else ""
+    return f"sched {m['rollout_sched_eff']:.2f}{roof} | " if "rollout_sched_eff" in m else ""
 
 
 def sink_tag(key):
@@ -177,6 +203,7 @@ class Recorder:
         print(f"step {step}/{cfg.steps} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | "
               f"clip {m['clip_ratio']:.2f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
               f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f}) | "
+              f"{rollout_line(m)}"
               f"elapsed {duration(elapsed)} | eta {duration(left)}{eval_line(m)}", flush=True)
         samples = [dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b], gold=golds[b],
                         reward=grades[b].reward, pred=grades[b].pred, finish=ro.finish_reason[b])

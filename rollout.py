@@ -3,22 +3,27 @@
     from rollout import generate
     ro = generate(model, prompt_ids, n=8, max_new_tokens=8192, temperature=1.0, top_p=1.0, stop_ids=[...], pad_id=0)
 
-Three engines behind one function, chosen by `engine=`; all sample from the same distribution, give the same greedy
+Two engines behind one function, chosen by `engine=`; both sample from the same distribution, give the same greedy
 outputs (in fp32; bf16 kernels that depend on the batch shape can flip near-ties) and return the same `Rollout`
-(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "slots" is the default.
+(tests/test_engines.py). bench/rollout.py times them (BENCHMARKS.md); "slots" is the default. (Engine "cb", HF
+continuous batching, was removed: on transformers 5.17 its num_return_sequences returns only the parent requests, and
+on CPU it was 2.4x slower than "slots"; bench/ keeps a comparison.)
 - "pad":   HF `model.generate` on left-padded prompts, the n samples of a prompt as n rows: the reference. Every row is
            decoded until the longest response ends, so with Zoo-like length spreads most decoded tokens are padding.
-- "cb":    HF continuous batching (`model.generate_batch`, paged KV cache, forked samples). Its log-probs are of the
-           top_p-renormalised distribution, so return_logprobs needs top_p == 1 there. It runs in a background thread,
-           where autocast (thread-local) does not reach: it decodes in the weights' own dtype.
 - "slots": all prompts in one call on S KV-cache slots (`slots=`, or as many as fit in the free GPU memory): a prompt
-           is prefilled ONCE into G = n free slots, a row frees its slot when it ends and the next prompt takes the
-           freed slots, so no row waits for another. The cache is static, (layers, 2, S, longest prompt +
+           is prefilled ONCE into G = n free slots (the prompts admitted together are packed into one prefill
+           forward), a row frees its slot when it ends and the next prompt takes the freed slots, so no row waits
+           for another. The cache is static, (layers, 2, S, longest prompt +
            max_new_tokens, KV heads, head dim), written in place by our attention function ("slots", registered with
            transformers' AttentionInterface and selected with the model's own setter for the call), which reads only
            each slot's own length on CUDA (flash-attn's flash_attn_with_kvcache, else torch's varlen flash kernel with
            seqused_k) and masked SDPA on CPU/fp32. The decode step has fixed shapes and no host sync (stop flags are
-           read every SYNC_EVERY steps), so on CUDA it is captured once per batch size and replayed as a CUDA graph.
+           read every SYNC_EVERY steps), so on CUDA it is captured once per batch size and replayed as a CUDA graph
+           (COMPILE: torch.compile'd first). Under a tensor-parallel group (--gen_tp) it runs eagerly: a captured NCCL
+           collective needs every rank to capture and replay the same graphs in step, untestable on the one GPU lent
+           to us; bench/ measures eager against graph step time, which bounds the cost. Sliding-window models are
+           refused (full causal attention only). generate(stats=) reports the schedule, its timing and on GPU the
+           decode roofline (_generate_slots).
 
 Row order is prompt-major: rows g*n .. g*n+n-1 are the n samples of prompt g. A response is every generated token up to
 and including the first stop token (the stop token is trained); everything after it is padding and masked out.
@@ -26,7 +31,7 @@ Sampling is exactly temperature/top_p (top_p as in HF: keep the most probable to
 the model's own generation_config (top_k, repetition_penalty, ... as shipped with e.g. Qwen2.5-Instruct) is replaced by
 a neutral one for the call, so nothing else reshapes the distribution. temperature=0 means greedy. Log-probs
 (return_logprobs) are log softmax(logits / T) of the sampled tokens over the whole vocabulary (T = 1 when greedy),
-taken from the decode pass: what the training forward computes (train.py: token_logprobs).
+taken from the decode pass: what the training forward computes (model.py: token_logprobs).
 """
 import contextlib
 import functools
@@ -37,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria
-from transformers.generation import ContinuousBatchingConfig  # where the 5.8-5.24 docs import it
 
 
 @dataclass
@@ -155,59 +159,23 @@ def _generate_pad(model, prompts, n, max_new_tokens, temperature, top_p, stop_id
     return tokens.cpu(), logprobs.cpu()
 
 
-def _generate_cb(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
-                 memory=0.0):
-    """HF continuous batching -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
-    Its sampler applies exactly the warpers _get_logits_processor builds from our config (temperature if != 1, top_p
-    if < 1; do_sample must be set, None means greedy there) and samples softmax of the result; its log-probs are
-    log of that softmax, so with top_p < 1 they are renormalised over the nucleus (not what training computes)."""
-    if return_logprobs and top_p < 1:
-        raise ValueError("engine='cb' returns log-probs of the top_p-renormalised distribution; use top_p=1 or "
-                         "engine='slots'/'pad' with return_logprobs")
-    greedy = temperature == 0
-    rows = [p for p in prompts for _ in range(n)]  # prompt-major
-    config = GenerationConfig(  # greedy forbids num_return_sequences > 1: repeat the prompt instead
-        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
-        eos_token_id=list(stop_ids), pad_token_id=pad_id)
-    # Paged KV cache: `memory` of the free GPU memory (0: HF's default). Without flash-attn (sdpa) HF packs the batch
-    # into one sequence under a dense (max_batch_tokens, cache tokens) mask: each query scores every key of the batch.
-    # On CPU (where HF would take 60% of RAM) we size it for this batch instead: every row at full length in pages of
-    # 32 tokens, and max_batch_tokens cut so the mask stays under 2^26 entries (the default took 18 s to fill on 2
-    # cores).
-    # With flash-attn HF captures CUDA graphs; not across FSDP's per-layer hooks (zero2/zero3: they sync streams).
-    from torch.distributed.fsdp import FSDPModule
-    fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
-    cache = ContinuousBatchingConfig(return_logprobs=return_logprobs, max_memory_percent=memory or None,
-                                     use_cuda_graph=False if fsdp else None)
-    if next(model.parameters()).device.type == "cpu":
-        cache.page_size = 32
-        cache.num_blocks = len(rows) * -(-(max(map(len, prompts)) + max_new_tokens) // cache.page_size)
-        cache.max_batch_tokens = max(64, min(8192, 2 ** 26 // (cache.num_blocks * cache.page_size)))
-    training = model.training
-    with _neutral_generation_config(model):
-        out = model.generate_batch(rows if greedy else prompts, generation_config=config,
-                                   continuous_batching_config=cache, progress_bar=not bar.disable)
-    model.train(training)  # generate_batch leaves the model in eval mode
-    # generate_batch logs failed or missing requests instead of raising; it lists a prompt's samples in input order
-    results = list(out.values())
-    if len(results) != len(rows) or any(r.error or r.prompt_ids != p for r, p in zip(results, rows)):
-        raise RuntimeError(f"generate_batch returned {len(results)}/{len(rows)} complete requests in prompt order")
-    R = max(len(r.generated_tokens) for r in results)
-    tokens = torch.full((len(rows), R), pad_id, dtype=torch.long)  # (B, R)
-    logprobs = torch.zeros((len(rows), R)) if return_logprobs else None  # (B, R)
-    for i, r in enumerate(results):
-        tokens[i, :len(r.generated_tokens)] = torch.tensor(r.generated_tokens)
-        if return_logprobs:
-            logprobs[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
-    return tokens, logprobs
-
-
 # -----------------------------------------------------------------------------
 # Engine "slots": a static KV cache of S slots kept busy, and a decode step without host syncs (a CUDA graph on GPU).
 
 SYNC_EVERY = dict(cuda=8, cpu=1)  # decode steps between two reads of the stop flags (one host sync each); by device
 CUDA_GRAPHS = True                # capture the decode step as CUDA graphs where it can be (False: eager, to compare)
+COMPILE = False                   # torch.compile the decode step before capture (True: inductor; a string: that backend)
+PREFILL_TOKENS = dict(cuda=8192, cpu=1024)  # prompt tokens packed in one prefill forward at most (a longer prompt
+                                            # goes alone); by device (CPU: its SDPA mask is N x N)
+GPU_PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}  # by device name: HBM
+                                  # bytes/s and dense bf16 FLOP/s (SXM parts), for the decode roofline; others: None
+
+
+@functools.cache
+def _capture_stream(device):
+    """The one side stream on which this process warms up and captures every decode graph: a stream per captured
+    shape would cost each its own cuBLAS workspace."""
+    return torch.cuda.Stream(device)
 
 
 @functools.cache
@@ -221,22 +189,33 @@ def _flash_attn_with_kvcache():
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling, slot_cache=None, slot_fill=None,
-                   slot_pos=None, slot_mask=None, slot_used=None, **kwargs):
+                   slot_fill_pos=None, slot_cu=None, slot_max=None, slot_pos=None, slot_mask=None, slot_used=None,
+                   **kwargs):
     """Attention over the static slot cache; registered below as transformers' AttentionInterface "slots" (HF calls
     it from every attention layer with the rotated query (b, Hq, q, D), key and value (b, Hkv, q, D) and the extra
-    forward kwargs; HF builds no mask for it). Returns (b, q, Hq, D). slot_cache (layers, 2, S, L, Hkv, D).
-    Prefill (slot_fill (G,): the slots of one prompt's G samples; b = 1): its keys are written to the G slots and it
-    attends causally to itself. Decode (slot_pos (b,): where slot i's new key goes): the new keys are written in place,
-    then each slot attends to its own positions 0..slot_pos through either slot_mask (b, 1, 1, keys) (masked SDPA over
-    the first `keys` positions: CPU, fp32) or slot_used (b,) int32 = slot_pos + 1 (flash kernels that read only each
-    slot's own length: flash_attn_with_kvcache where flash-attn imports, else torch's varlen flash with seqused_k)."""
+    forward kwargs; HF builds no mask for it, nor looks for packed sequences in position_ids: masking_utils returns
+    early for an attention name it has no mask function for, in transformers 5.17 and 5.25). Returns (b, q, Hq, D).
+    slot_cache (layers, 2, S, L, Hkv, D).
+    Prefill (b = 1): P prompts packed back to back in one row of N tokens; slot_fill (N, G): the G slots of each
+    token's prompt, slot_fill_pos (N,): its position there. Its keys are written to those slots and each prompt
+    attends causally to itself only, through slot_mask (1, 1, N, N) block-diagonal causal (SDPA: CPU, fp32) or
+    slot_cu (P + 1,) int32 prompt starts and slot_max (the longest prompt) (torch's varlen flash kernel).
+    Decode (slot_pos (b,): where slot i's new key goes): the new keys are written in place, then each slot attends to
+    its own positions 0..slot_pos through either slot_mask (b, 1, 1, keys) (masked SDPA over the first `keys`
+    positions: CPU, fp32) or slot_used (b,) int32 = slot_pos + 1 (flash kernels that read only each slot's own
+    length: flash_attn_with_kvcache where flash-attn imports, else torch's varlen flash with seqused_k)."""
     k_cache, v_cache = slot_cache[module.layer_idx, 0], slot_cache[module.layer_idx, 1]  # (S, L, Hkv, D) each
     query, key, value = (x.to(k_cache.dtype) for x in (query, key, value))  # autocast's fp32 rotary -> cache dtype
     if slot_fill is not None:
-        k_cache[slot_fill, :key.shape[2]] = key[0].transpose(0, 1)  # (G, P, Hkv, D) <- (P, Hkv, D)
-        v_cache[slot_fill, :key.shape[2]] = value[0].transpose(0, 1)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None  # (1, P, Hq, D)
+        k_cache[slot_fill, slot_fill_pos[:, None]] = key[0].transpose(0, 1)[:, None]  # (N, G, Hkv, D) <- (N, 1, ..)
+        v_cache[slot_fill, slot_fill_pos[:, None]] = value[0].transpose(0, 1)[:, None]
+        if slot_mask is not None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=slot_mask, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2), None  # (1, N, Hq, D)
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (N, H, D) each
+        out = torch.ops.aten._flash_attention_forward(q, k, v, slot_cu, slot_cu, slot_max, slot_max, 0.0, True, False,
+                                                      scale=scaling)[0]  # (N, Hq, D)
+        return out[None], None  # (1, N, Hq, D)
     b, Hq, _, D = query.shape
     Hkv, L = key.shape[1], k_cache.shape[1]
     slots = torch.arange(b, device=query.device)  # (b,)
@@ -360,54 +339,161 @@ def decode_step(model, cache, st, out_tokens, out_logprobs, b, keys, temperature
     tok.copy_(nxt)
 
 
-def _admit(model, cache, st, out_tokens, out_logprobs, prompt, limit, slots, rows, temperature, top_p, is_stop,
-           tp_group):
-    """Prefill one prompt ONCE into its G slots (its keys copied to each) and sample each sample's first token; its
-    rows end after `limit` tokens."""
-    device = cache.device
-    idx, rows = torch.tensor(slots, device=device), torch.tensor(rows, device=device)  # (G,)
-    logits = model(input_ids=torch.tensor([prompt], device=device), position_ids=torch.arange(len(prompt),
-                   device=device)[None], use_cache=False, slot_cache=cache, slot_fill=idx,
-                   logits_to_keep=1).logits[:, -1].float().expand(len(slots), -1)  # (G, V)
-    nxt = sample(logits, temperature, top_p)  # (G,)
+def _prefill(model, cache, st, out_tokens, out_logprobs, prompts, limits, slot0, row0, G, flash, temperature, top_p,
+             is_stop, tp_group):
+    """Prefill P prompts in ONE forward, packed back to back in one row (position ids restart at 0 at each prompt,
+    each attends to itself only), each ONCE into its G slots slot0 + iG .. slot0 + iG + G - 1 (its keys written to
+    each), logits only at each prompt's last token; then sample each sample's first token (rows row0 + iG ..). A row
+    ends after its prompt's limit of tokens. The draws are one (P * G, V) block, in prompt order: on CPU the same
+    numbers as P draws of (G, V), prompt by prompt."""
+    device, P, B = cache.device, len(prompts), out_tokens.shape[0] - 1
+    lens = torch.tensor([len(p) for p in prompts])  # (P,)
+    ends = lens.cumsum(0)  # (P,) where each prompt ends in the packed row
+    seg = torch.arange(P).repeat_interleave(lens)  # (N,) the prompt of each packed token
+    pos = torch.arange(int(ends[-1])) - (ends - lens)[seg]  # (N,) its position in its prompt
+    slots = slot0 + torch.arange(P * G).view(P, G)  # (P, G)
+    if flash:  # varlen flash: the prompts' starts
+        attend = dict(slot_cu=F.pad(ends, (1, 0)).to(device, torch.int32), slot_max=int(lens.max()))
+    else:  # SDPA: block-diagonal causal mask
+        same = (seg[:, None] == seg[None]) & (torch.arange(len(seg))[:, None] >= torch.arange(len(seg))[None])
+        attend = dict(slot_mask=same[None, None].to(device))  # (1, 1, N, N)
+    ids = torch.tensor([[t for p in prompts for t in p]], device=device)  # (1, N)
+    logits = model(input_ids=ids, position_ids=pos[None].to(device), use_cache=False, slot_cache=cache,
+                   slot_fill=slots[seg].to(device), slot_fill_pos=pos.to(device), logits_to_keep=(ends - 1).to(device),
+                   **attend).logits[0].float().repeat_interleave(G, 0)  # (P * G, V) each prompt's G samples
+    nxt = sample(logits, temperature, top_p)  # (P * G,)
     if tp_group is not None:
         torch.distributed.broadcast(nxt, torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
+    rows = torch.arange(row0, row0 + P * G, device=device)  # (P * G,)
     out_tokens[rows, 0] = nxt
     if out_logprobs is not None:
         out_logprobs[rows, 0] = (logits / (temperature or 1.0)).log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
-    ended = is_stop[nxt] | (limit == 1)  # (G,)
+    limit = torch.tensor(limits).repeat_interleave(G).to(device)  # (P * G,)
+    ended = is_stop[nxt] | (limit == 1)  # (P * G,)
+    idx = slots.flatten().to(device)  # (P * G,)
     st.last[idx] = limit - 1
     st.tok[idx] = nxt
-    st.pos[idx] = torch.where(ended, 0, len(prompt))
-    st.row[idx] = torch.where(ended, out_tokens.shape[0] - 1, rows)
+    st.pos[idx] = torch.where(ended, 0, lens.repeat_interleave(G).to(device))
+    st.row[idx] = torch.where(ended, B, rows)
     st.col[idx] = torch.where(ended, 0, 1)
 
 
+def _compact(cache, st, held, ended, t, B):
+    """Frees the slots whose rows ended (ended: a bool per busy slot) and moves the busy slots above the new top down
+    into the gaps (their live KV and state), so that slots [0, busy) are the busy ones -> busy. held: (prompt length,
+    step admitted) of each slot, host-side, moved along."""
+    busy = sum(not e for e in ended)
+    gaps, movers = [s for s in range(busy) if ended[s]], [s for s in range(busy, len(ended)) if not ended[s]]
+    if movers:
+        for d, s in zip(gaps, movers):  # in place, slot by slot (no temporary of all their KV)
+            live = held[s][0] + t - held[s][1]
+            cache[:, :, d, :live].copy_(cache[:, :, s, :live])
+            held[d] = held[s]
+        dst, src = torch.tensor(gaps, device=cache.device), torch.tensor(movers, device=cache.device)
+        for x in (st.tok, st.pos, st.row, st.col, st.last):
+            x[dst] = x[src]
+        st.row[src], st.pos[src], st.col[src] = B, 0, 0
+    return busy
+
+
+@functools.cache
+def _compiled_decode_step(backend):
+    """decode_step under torch.compile (COMPILE): one trace for every b (dynamic shapes), made before any graph is
+    captured, so that inductor fuses the step's many small ops (RMSNorm, rotary, residual adds, SiLU) into few
+    kernels."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=True, backend=backend)
+
+
+class _GraphRunner:
+    """Runs the decode step of b slots: eagerly (graphs=False), or as one CUDA graph per b, captured at the first step
+    of that b after an eager warm-up (which is that step's real work) on the process's one side stream, every graph in
+    one memory pool. capture_s: seconds spent in warm-ups and captures (synced around)."""
+
+    def __init__(self, graphs, device):
+        self.graphs = {} if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.device, self.capture_s = device, 0.0
+
+    def step(self, b, fn):
+        if self.graphs is None:
+            return fn()
+        if b in self.graphs:
+            return self.graphs[b].replay()
+        torch.cuda.synchronize(self.device)
+        t0, side = time.perf_counter(), _capture_stream(self.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs[b] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graphs[b], pool=self.pool, stream=side):
+            fn()  # recorded, not run
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - t0
+
+
+def decode_roofline_s(steps, weight_bytes, flops_per_row, kv_bytes_per_key, attn_flops_per_key, hbm, peak):
+    """The least time a GPU of `hbm` bytes/s and `peak` FLOP/s needs for these decode forwards: the sum over them of
+    max(bytes / hbm, flops / peak), bytes = weight_bytes + kv_bytes_per_key * keys and flops = flops_per_row * b +
+    attn_flops_per_key * keys. steps: (b, keys) per forward: the rows it decodes, the live keys its busy rows read.
+    The other arguments: roofline_terms."""
+    return sum(max((weight_bytes + kv_bytes_per_key * k) / hbm, (flops_per_row * b + attn_flops_per_key * k) / peak)
+               for b, k in steps)
+
+
+def roofline_terms(model, dtype, tp=1):
+    """-> (weight_bytes, flops_per_row, kv_bytes_per_key, attn_flops_per_key) of a decode forward, per rank of a tp
+    group (its own shards of the weights, heads / tp): the weights read are every parameter but an untied input
+    embedding (a row lookup); 2 FLOPs per weight per row; a key is K and V in every layer, in `dtype`; QK^T and PV
+    take 4 * layers * heads * head_dim FLOPs per key."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # a tensor-parallel DTensor -> this rank's shard
+    params = [local(p) for p in model.parameters()]
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    untied = [] if head is not None and head.weight is emb else [local(emb)]
+    n = sum(p.numel() for p in params) - sum(p.numel() for p in untied)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params) - sum(p.numel() * p.element_size() for p in untied)
+    L, _, _, _, Hkv, D = kv_shape(model, 1, 1, tp)
+    return weight_bytes, 2 * n, 2 * L * Hkv * D * dtype.itemsize, 4 * L * model.config.num_attention_heads // tp * D
+
+
 def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs, bar,
-                    slots=0, tp_group=None, stats=None):
+                    slots=0, tp_group=None, stats=None, compile_step=False):
     """All prompts in one call on S KV-cache slots -> tokens (B, R) right-padded with pad_id, logprobs (B, R) or None.
-    max_new_tokens: an int, or one per prompt.
-    Every SYNC_EVERY steps the host reads which slots' rows have ended (one sync), frees them, moves the busy slots
-    above the gaps down into them (so slots [0, busy) are the busy ones; the moves copy those rows' live KV, outside
-    the step), and while G = n slots are free prefills the next prompt once into G of them. Each step decodes slots
-    [0, b), b = busy (where CUDA graphs are captured, rounded up to a multiple of G or more: at most ~16 graphs, one
-    per b). So no slot waits for another row, and the decode forwards are at most
+    max_new_tokens: an int, or one per prompt. The host schedules, the device decodes:
+    every SYNC_EVERY steps the host reads which slots' rows have ended (one sync), frees them, moves the busy slots
+    above the gaps down into them (_compact: slots [0, busy) are the busy ones; the moves copy those rows' live KV,
+    outside the step), and while G = n slots are free admits the next prompts: all those that fit are prefilled
+    together (_prefill, one forward per PREFILL_TOKENS), each ONCE into G slots. Each step decodes slots [0, b),
+    b = busy (where CUDA graphs are captured, rounded up to a multiple of G or more: at most ~16 graphs, one per b;
+    _GraphRunner). So no slot waits for another row, and the decode forwards are at most
         floor((sum(lengths - 1) + B * k) / (S - G + 1)) + max(lengths) + k - 1    (k = SYNC_EVERY)
     (until the last admission, fewer than G slots are free at each check and a row holds its slot at most k steps
     after it ended; after it, the last admitted rows end within max(lengths) - 1 steps, seen within k).
-    stats (a dict), if given, gets slots, decode_forwards, row_steps (slot-rows decoded: b summed over steps),
-    graphs, attention."""
+    stats (a dict), if given, gets: slots, slots_fit (the uncapped slot count; None on CPU or with slots=),
+    decode_forwards, row_steps (slot-rows decoded: b summed over steps), graphs, attention, prefill_forwards, refills
+    (admissions of one or more prompts), prefill_s, capture_s, decode_s (the rest of the call), tail_forwards
+    (forwards with busy < S / 4), occupancy (busy / S, mean over forwards), ideal_forwards = max(ceil(sum(lengths -
+    1) / S), max(lengths) - 1), schedule_efficiency = ideal / decode forwards, roofline_s (CUDA on a GPU of
+    GPU_PEAKS, else None: decode_roofline_s of the forwards, the live keys as the host counts them)."""
     device = next(model.parameters()).device
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     G, B, M = n, len(prompts) * n, max(limits)
     cap = max(map(len, prompts)) + M  # tokens a slot holds: the longest prompt and a full response
+    window = getattr(model.config, "sliding_window", None)
+    if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or []) or (window and window < cap):
+        raise ValueError(f"engine='slots' implements full causal attention only: {type(model).__name__} has a sliding "
+                         f"window (sliding_window={window}, layer_types) shorter than a slot's {cap} tokens")
     tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else next(model.parameters()).dtype  # K/V as the attention computes them (autocast: bf16)
     out_tokens = torch.full((B + 1, M), pad_id, dtype=torch.long, device=device)  # (B + 1, M): row B is scratch
     out_logprobs = torch.zeros((B + 1, M), device=device) if return_logprobs else None  # (allocated before sizing)
-    S, fit, line = (min(slots, B), None, f"rollout: {min(slots, B)} slots (given)") if slots else \
-        kv_slots(model, B, max(map(len, prompts)), cap, dtype, device, tp)
+    budget = PREFILL_TOKENS.get(device.type, 1024)  # packed tokens per prefill forward (a longer prompt: alone)
+    if slots:
+        S, fit, line = min(slots, B), None, f"rollout: {min(slots, B)} slots (given)"
+    else:  # (kv_slots' prompt_len: the tokens of the largest prefill it leaves room for)
+        S, fit, line = kv_slots(model, B, max(max(map(len, prompts)), min(budget, sum(map(len, prompts)))), cap,
+                                dtype, device, tp)
     if tp_group is not None:  # ranks of a group run one schedule: the smallest budget of them
         agreed = torch.tensor([S], device=device)
         torch.distributed.all_reduce(agreed, torch.distributed.ReduceOp.MIN, group=tp_group)
@@ -415,94 +501,97 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     if S < G:
         raise ValueError(f"engine='slots': the KV budget holds {S} slots of {cap} tokens, fewer than the n={G} samples "
                          "of one prompt")
-    if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or []):
-        raise ValueError("engine='slots' implements full causal attention only (no sliding-window layers)")
     flash = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     from torch.distributed.fsdp import FSDPModule
-    graphs = {} if flash and CUDA_GRAPHS and tp_group is None and \
-        not any(isinstance(m, FSDPModule) for m in model.modules()) else None  # FSDP hooks, TP collectives: eager
+    runner = _GraphRunner(flash and CUDA_GRAPHS and tp_group is None and  # FSDP hooks, TP collectives: eager
+                          not any(isinstance(m, FSDPModule) for m in model.modules()), device)
     attention = "sdpa" if not flash else "flash_attn_with_kvcache" if _flash_attn_with_kvcache() else "torch_flash"
     if not bar.disable:
-        print(f"{line} | decode attention {attention}{' | CUDA graphs' if graphs is not None else ''}", flush=True)
+        print(f"{line} | decode attention {attention}{' | CUDA graphs' if runner.graphs is not None else ''}",
+              flush=True)
     every = SYNC_EVERY.get(device.type, 1)
     grain = G * max(1, S // (16 * G))  # graphs: b rounded up to this, so at most ~16 graphs
+    step_fn = _compiled_decode_step("inductor" if compile_step is True else compile_step) if compile_step \
+        else decode_step
 
     cache = torch.zeros(kv_shape(model, S, cap, tp), dtype=dtype, device=device)  # (layers, 2, S, cap, Hkv, D)
     st = SlotState.empty(S, B, device)
     is_stop = torch.zeros(max([model.config.vocab_size - 1, *stop_ids]) + 1, dtype=torch.bool, device=device)
     is_stop[stop_ids] = True
     args = (temperature, top_p, is_stop, tp_group)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     held = [None] * S  # host: (prompt length, step admitted) of each busy slot; busy slots are [0, busy)
-    busy, waiting, t, row_steps, tokens, t0 = 0, 0, 0, 0, 0, time.perf_counter()
-    pool = torch.cuda.graph_pool_handle() if graphs is not None else None
+    busy, waiting, t, tokens, t0 = 0, 0, 0, 0, time.perf_counter()
+    steps = []  # (b, live keys of the busy rows) per decode forward
+    base = top = 0  # sum and max of (prompt length - step admitted) over the busy slots: a slot's live keys at step t
+    prefill_s, prefill_forwards, refills, tail, occupied = 0.0, 0, 0, 0, 0
     with slots_attention(model):
         while True:
             if t % every == 0:
-                ended = (st.row[:busy] == B).tolist()  # the host sync
+                # the host sync: which rows ended; free their slots, compact; admit what fits; stop when all is done
+                ended = (st.row[:busy] == B).tolist()
                 if not bar.disable:  # rows finished, tokens decoded per second
                     bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
                     bar.update(sum(ended))
-                keep = [s for s in range(busy) if not ended[s]]
-                busy = len(keep)
-                gaps, movers = [s for s in range(busy) if ended[s]], [s for s in keep if s >= busy]
-                if movers:  # busy slots above the new top -> the gaps below it, with their live KV
-                    for d, s in zip(gaps, movers):  # in place, slot by slot (no temporary of all their KV)
-                        live = held[s][0] + t - held[s][1]
-                        cache[:, :, d, :live].copy_(cache[:, :, s, :live])
-                    dst, src = torch.tensor(gaps, device=device), torch.tensor(movers, device=device)
-                    for x in (st.tok, st.pos, st.row, st.col, st.last):
-                        x[dst] = x[src]
-                    st.row[src], st.pos[src], st.col[src] = B, 0, 0
-                    for d, s in zip(gaps, movers):
-                        held[d] = held[s]
-                while waiting < len(prompts) and S - busy >= G:
-                    _admit(model, cache, st, out_tokens, out_logprobs, prompts[waiting], limits[waiting],
-                           range(busy, busy + G), range(waiting * G, waiting * G + G), *args)
-                    held[busy:busy + G] = [(len(prompts[waiting]), t)] * G
-                    busy, waiting = busy + G, waiting + 1
+                busy = _compact(cache, st, held, ended, t, B)
+                admit = min(len(prompts) - waiting, (S - busy) // G)  # prompts whose G slots are free
+                if admit:
+                    sync()
+                    t1, first = time.perf_counter(), waiting
+                    while waiting < first + admit:  # packs of at most `budget` tokens (one forward each)
+                        pack, size = waiting, 0
+                        while pack < first + admit and (pack == waiting or size + len(prompts[pack]) <= budget):
+                            size, pack = size + len(prompts[pack]), pack + 1
+                        _prefill(model, cache, st, out_tokens, out_logprobs, prompts[waiting:pack],
+                                 limits[waiting:pack], busy + (waiting - first) * G, waiting * G, G, flash, *args)
+                        prefill_forwards, waiting = prefill_forwards + 1, pack
+                    held[busy:busy + admit * G] = [(len(p), t) for p in prompts[first:waiting] for _ in range(G)]
+                    busy, refills = busy + admit * G, refills + 1
+                    sync()
+                    prefill_s += time.perf_counter() - t1
                 if busy == 0:
                     break
-            b = busy if graphs is None else min(S, -(-busy // grain) * grain)
-            keys = None if flash else min(cap, -(-max(p + t - a + 1 for p, a in held[:busy]) // 64) * 64)
-            step = functools.partial(decode_step, model, cache, st, out_tokens, out_logprobs, b, keys, *args)
-            if graphs is None:
-                step()
-            elif b in graphs:
-                graphs[b].replay()
-            else:  # this shape's first step runs eagerly on a side stream (warm-up), then is captured (not run)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    step()
-                torch.cuda.current_stream().wait_stream(side)
-                graphs[b] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[b], pool=pool):
-                    step()
-            t, row_steps, tokens = t + 1, row_steps + b, tokens + busy
-    if stats is not None:
-        stats.update(slots=S, decode_forwards=t, row_steps=row_steps, graphs=None if graphs is None else len(graphs),
-                     attention=attention)
+                base, top = sum(p - a for p, a in held[:busy]), max(p - a for p, a in held[:busy])
+            # one decode step of slots [0, b)
+            b = busy if runner.graphs is None else min(S, -(-busy // grain) * grain)
+            keys = None if flash else min(cap, -(-(top + t + 1) // 64) * 64)  # SDPA: >= every live slot's pos + 1
+            runner.step(b, functools.partial(step_fn, model, cache, st, out_tokens, out_logprobs, b, keys, *args))
+            steps.append((b, base + busy * (t + 1)))
+            tail, occupied = tail + (busy < S / 4), occupied + busy
+            t, tokens = t + 1, tokens + busy
     tokens = out_tokens[:B]  # (B, M)
-    R = int(response_mask(tokens, stop_ids, torch.tensor(limits, device=device).repeat_interleave(n))[1].max())
+    lengths = response_mask(tokens, stop_ids, torch.tensor(limits, device=device).repeat_interleave(n))[1].cpu()
+    if stats is not None:
+        ideal = max(-(-int((lengths - 1).sum()) // S), int(lengths.max()) - 1)
+        peaks = next((v for k, v in GPU_PEAKS.items() if k in torch.cuda.get_device_name(device)), None) \
+            if device.type == "cuda" else None
+        stats.update(slots=S, slots_fit=fit, decode_forwards=t, row_steps=sum(b for b, _ in steps),
+                     graphs=None if runner.graphs is None else len(runner.graphs), attention=attention,
+                     prefill_forwards=prefill_forwards, refills=refills, prefill_s=prefill_s,
+                     capture_s=runner.capture_s, decode_s=time.perf_counter() - t0 - prefill_s - runner.capture_s,
+                     tail_forwards=tail, occupancy=occupied / S / max(t, 1), ideal_forwards=ideal,
+                     schedule_efficiency=ideal / t if t else 1.0,
+                     roofline_s=None if peaks is None else
+                     decode_roofline_s(steps, *roofline_terms(model, dtype, tp), *peaks))
+    R = int(lengths.max())
     return tokens[:, :R].cpu(), None if out_logprobs is None else out_logprobs[:B, :R].cpu()
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs=False,
-             progress=False, engine="slots", max_prompts=0, tp_group=None, cb_memory=0.0, slots=0, stats=None):
+             progress=False, engine="slots", max_prompts=0, tp_group=None, slots=0, stats=None, compile_step=None):
     """prompt_ids: list of B0 token-id lists. Returns a Rollout with B = B0 * n rows (prompt-major).
     max_new_tokens: an int, or (engine "slots") a list of one per prompt (eval.py: each prompt's room in the context).
-    engine: "slots" (default) | "pad" | "cb" (see the file docstring; BENCHMARKS.md times them).
+    engine: "slots" (default) | "pad" (see the file docstring; BENCHMARKS.md times them).
     max_prompts > 0 generates in chunks of that many prompts (bounds the KV cache; bench/memory.py sizes it); not
     with "slots", which takes every prompt in one call and bounds its cache with `slots`.
     tp_group: the process group of a tensor-parallel model (distributed.inference_copy). Its ranks decode the prompts
     of all of them together, as one batch, and each gets the rows of its own prompts. Engine "slots" only.
-    cb_memory: engine "cb" on GPU: the fraction of free GPU memory its paged KV cache takes (0: HF's default, 0.9,
-    or 0.8 when temperature/top_p processors run).
     slots: engine "slots": KV-cache slots (rows decoded at once); 0 sizes them from the free GPU memory (CPU: one
-    per row). stats: engine "slots": a dict it fills with slots, decode_forwards, row_steps, graphs, attention."""
-    if engine not in ("slots", "pad", "cb"):
-        raise ValueError(f"engine={engine!r}: expected 'slots', 'pad' or 'cb'")
+    per row). stats: engine "slots": a dict it fills (_generate_slots lists the keys). compile_step: engine "slots":
+    torch.compile its decode step (True: inductor, a string: that backend; None: COMPILE)."""
+    if engine not in ("slots", "pad"):
+        raise ValueError(f"engine={engine!r}: expected 'slots' or 'pad'")
     if tp_group is not None and engine != "slots":
         raise ValueError("a tensor-parallel model (tp_group) generates with engine='slots' only")
     if engine == "slots" and max_prompts:
@@ -524,17 +613,16 @@ def generate(model, prompt_ids, n, max_new_tokens, temperature, top_p, stop_ids,
     chunk = max_prompts or len(prompt_ids)
     chunks = [prompt_ids[i:i + chunk] for i in range(0, len(prompt_ids), chunk)]
     bar = _Progress(len(prompt_ids) * n, progress, "row") if engine == "slots" else \
-        _Progress(max_new_tokens * len(chunks), progress, "step")  # slots: rows finished; pad, cb: decode steps
+        _Progress(max_new_tokens * len(chunks), progress, "step")  # slots: rows finished; pad: decode steps
     outs = []  # (tokens (b, R_c), logprobs (b, R_c) or None) per chunk
     try:
         for c in chunks:
             args = (model, c, n, max_new_tokens, temperature, top_p, stop_ids, pad_id, return_logprobs)
             if engine == "slots":
-                outs.append(_generate_slots(*args, bar.bar, slots, tp_group, stats))
-            elif engine == "pad":
-                outs.append(_generate_pad(*args, bar))
+                outs.append(_generate_slots(*args, bar.bar, slots, tp_group, stats,
+                                            COMPILE if compile_step is None else compile_step))
             else:
-                outs.append(_generate_cb(*args, bar.bar, cb_memory))
+                outs.append(_generate_pad(*args, bar))
     finally:
         bar.bar.close()
     R = max(t.shape[1] for t, _ in outs)

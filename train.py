@@ -94,10 +94,10 @@ class Config:
     seed: int = 0                   # prompt order and sampling RNG (both re-seeded per step from it)
     shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
-    engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate) | cb
+    engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate)
     rollout_slots: int = 0          # engine slots: rows decoded at once (KV-cache slots); 0 = as many as fit (CPU: all)
-    rollout_prompts: int = 0        # engines pad/cb: prompts per generate call (bounds their KV cache); 0 = all
-    cb_memory: float = 0.0          # engine cb on GPU: free-memory share of its paged KV cache; 0 = HF's (0.8-0.9)
+    rollout_prompts: int = 0        # engine pad: prompts per generate call (bounds its KV cache); 0 = all
+    rollout_compile: bool = False   # engine slots: torch.compile the decode step (inductor fuses its small ops)
     gen_tp: int = 1                 # ranks that decode together on one tensor-parallel bf16 copy (32B: 8); 1 = alone
     eval_every: int = 0             # greedy eval every N steps (Zoo: 5 on MATH500), and also at step 0 (before any
                                     # update, verl's val_before_train) and at the last step; metrics.jsonl and the
@@ -136,8 +136,8 @@ def parse_config(argv):
     cfg, _ = parse_flags(argv, Config, PRESETS)
     if cfg.shard not in ("ddp", "zero2", "zero3"):
         sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
-    if cfg.engine not in ("slots", "pad", "cb"):
-        sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad, cb")
+    if cfg.engine not in ("slots", "pad"):
+        sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad")
     if cfg.export_dtype not in ("auto", "bfloat16", "float16", "float32"):
         sys.exit(f"error: --export_dtype={cfg.export_dtype} is not one of auto, bfloat16, float16, float32")
     if cfg.loss_agg not in ("token", "seq", "seq_sum_norm"):
@@ -149,13 +149,13 @@ def parse_config(argv):
                           cfg.max_response_len, cfg.gen_tp) < 1,
                       "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --max_response_len and "
                       "--gen_tp must be >= 1"),
-                     (cfg.cb_memory > 1, "--cb_memory must be in [0, 1] (0: HF's default)"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
                      (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
                      (cfg.gen_tp > 1 and cfg.engine != "slots", "--gen_tp > 1 needs --engine=slots"),
-                     (cfg.rollout_slots and cfg.engine != "slots", "--rollout_slots is for --engine=slots; pad and cb "
-                      "take --rollout_prompts"),
-                     (cfg.rollout_prompts and cfg.engine == "slots", "--rollout_prompts is for --engine=pad/cb; slots "
+                     (cfg.rollout_slots and cfg.engine != "slots", "--rollout_slots is for --engine=slots; pad takes "
+                      "--rollout_prompts"),
+                     (cfg.rollout_compile and cfg.engine != "slots", "--rollout_compile is for --engine=slots"),
+                     (cfg.rollout_prompts and cfg.engine == "slots", "--rollout_prompts is for --engine=pad; slots "
                       "takes --rollout_slots (0 = as many as fit)"),
                      (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
         if bad:
@@ -408,13 +408,15 @@ def prepare(cfg, rank, world):
 
 def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
     """The policy's current weights copied into the inference copy, then samples_per_prompt responses to each prompt
-    (rollout.generate; with a tensor-parallel copy its group's prompts decode together) -> rollout.Rollout."""
+    (rollout.generate; with a tensor-parallel copy its group's prompts decode together) -> (rollout.Rollout, the
+    engine's stats: a dict, empty for engine pad)."""
     distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
+    stats = {}
     with autocast(m.rollout_lm.device):
-        return generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
-                        cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine,
-                        max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory,
-                        slots=cfg.rollout_slots)
+        ro = generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
+                      cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine, max_prompts=cfg.rollout_prompts,
+                      tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile)
+    return ro, stats
 
 
 def main(argv, score=None):
@@ -454,7 +456,7 @@ def main(argv, score=None):
         logs.peak_memory_gib(device, reset=True)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
         # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights.
-        ro = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
+        ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
         times.append(time.time())
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 
@@ -485,7 +487,7 @@ def main(argv, score=None):
         # 5. Metrics (all ranks), eval, one line on rank 0, samples, sinks, checkpoint (and curves.png with it).
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
-                                    [len(x) for x in s.seqs], rollout_mem, device)
+                                    [len(x) for x in s.seqs], rollout_mem, device, ro_stats)
         metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)

@@ -83,7 +83,7 @@ def test_stop_token_ids(tokenizer):
 
 
 def test_chunked_generation_equals_one_call(tokenizer):
-    """max_prompts splits a pad/cb rollout into generate calls (KV budget); greedy rows are the same as one call of
+    """max_prompts splits a pad rollout into generate calls (KV budget); greedy rows are the same as one call of
     the default engine ("slots")."""
     model = make_model(tokenizer).eval()
     prompts = [tokenizer(t)["input_ids"] for t in ["What is 3 + 5?", "1 2", "7 + 2 =", "0"]]

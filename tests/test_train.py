@@ -81,8 +81,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
                      ("--mini_batches=0", "must be >= 1"), ("--top_p=1.5", "top_p must be in"),
                      ("--temperature=0", "temperature must be > 0"), ("--gen_tp=0", "gen_tp must be >= 1"),
                      ("--grad_clip=0", "grad_clip must be > 0"), ("--lr=nan", "not a finite number"),
-                     ("--temperature=inf", "not a finite number"), ("--cb_memory=1.5", "cb_memory must be in"),
-                     ("--cb_memory=-0.5", "must be >= 0"), ("--clip_eps_high=-0.1", "must be >= 0"),
+                     ("--temperature=inf", "not a finite number"), ("--engine=cb", "--engine=cb is not one of slots, pad"),
+                     ("--clip_eps_high=-0.1", "must be >= 0"),
                      ("--loss_agg=mean", "--loss_agg=mean is not one of token, seq, seq_sum_norm")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
@@ -104,7 +104,7 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
         train.parse_config(["--gen_tp=2", "--engine=pad"])
     with pytest.raises(SystemExit, match="--rollout_slots is for --engine=slots"):
         train.parse_config(["--rollout_slots=8", "--engine=pad"])
-    with pytest.raises(SystemExit, match="--rollout_prompts is for --engine=pad/cb"):
+    with pytest.raises(SystemExit, match="--rollout_prompts is for --engine=pad"):
         train.parse_config(["--rollout_prompts=8"])
     from transformers import Qwen2Config  # the 32B's shape: 40 heads, 8 KV heads, MLP 27648
     qwen32 = Qwen2Config(num_attention_heads=40, num_key_value_heads=8, intermediate_size=27648)
@@ -425,3 +425,22 @@ def test_bf16_export_keeps_fp32_master_weights_for_resume(model_dir, data_file, 
     assert {v.dtype for f in os.listdir(folder) if f.endswith(".safetensors")
             for v in load_file(os.path.join(folder, f)).values()} == {torch.bfloat16}
     assert json.load(open(os.path.join(folder, "config.json")))["dtype"] == "bfloat16"
+
+
+def test_rollout_stats_in_metrics(model_dir, data_file, tmp_path, capsys):
+    """Engine "slots" on 8 slots for 16 rows (two refills at least): metrics.jsonl has its rollout keys, consistent
+    (ideal <= forwards, occupancy in (0, 1], efficiency = ideal / forwards), and the step line its schedule
+    efficiency; engine "pad" logs none of them (absent, not zero). CPU: no roofline, no uncapped slot count."""
+    keys = {"rollout_slots", "rollout_forwards", "rollout_ideal_forwards", "rollout_sched_eff", "rollout_occupancy",
+            "rollout_tail_forwards", "t_prefill"}
+    out = str(tmp_path / "slots")
+    train.main(flags(model_dir, data_file, out, steps=1, save_every=0, mini_batches=1, rollout_slots=8))
+    m = metrics(out)[0]
+    assert keys <= set(m) and "rollout_roofline" not in m and "rollout_slots_fit" not in m, m
+    assert m["rollout_slots"] == 8 and m["rollout_ideal_forwards"] <= m["rollout_forwards"] > 0
+    assert 0 < m["rollout_occupancy"] <= 1 and m["rollout_sched_eff"] == m["rollout_ideal_forwards"] / \
+        m["rollout_forwards"] and 0 <= m["rollout_tail_forwards"] <= m["rollout_forwards"] and m["t_prefill"] > 0
+    assert f"sched {m['rollout_sched_eff']:.2f} |" in capsys.readouterr().out
+    out = str(tmp_path / "pad")
+    train.main(flags(model_dir, data_file, out, steps=1, save_every=0, mini_batches=1, engine="pad"))
+    assert not keys & set(metrics(out)[0]) and "sched " not in capsys.readouterr().out
