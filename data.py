@@ -30,7 +30,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 import torch
 
 TEMPLATES = {
@@ -71,6 +70,7 @@ def _example(prompt, gold):
 
 def _read_parquet(path):
     """(prompt, gold) pairs of a verl-schema parquet file; prompt is already templated."""
+    import pyarrow.parquet as pq  # here, not at the top: only parquet data needs pyarrow (a GPU box may lack it)
     names = pq.read_schema(path).names
     if "prompt" not in names or "reward_model" not in names:
         raise DataError(f"{path} has columns {names}, not the verl RL schema (prompt, reward_model); "
