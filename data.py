@@ -134,7 +134,7 @@ def _download(data):
     does not answer."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     repo_id, folder = data.split(":", 1)
-    fix = (f"download it with `huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR` where there is "
+    fix = (f"download it with `hf download {repo_id} --repo-type dataset --local-dir DIR` where there is "
            f"a network and pass --data=DIR/{folder}")
     if why := hub_unreachable():
         cached = try_to_load_from_cache(repo_id, f"{folder}/train.parquet", repo_type="dataset")
