@@ -44,7 +44,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 import torch
 
 TEMPLATES = {
@@ -148,6 +147,7 @@ def _example(prompt, gold):
 
 def _read_parquet(path):
     """(prompt, gold) pairs of a verl-schema parquet file; prompt is already templated."""
+    import pyarrow.parquet as pq  # here, not at the top: only parquet data needs pyarrow (a GPU box may lack it)
     names = pq.read_schema(path).names
     if "prompt" not in names or "reward_model" not in names:
         raise DataError(f"{path} has columns {names}, not the verl RL schema (prompt, reward_model); "
@@ -211,7 +211,7 @@ def _download(data):
     does not answer."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     repo_id, folder = data.split(":", 1)
-    fix = (f"download it with `huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR` where there is "
+    fix = (f"download it with `hf download {repo_id} --repo-type dataset --local-dir DIR` where there is "
            f"a network and pass --data=DIR/{folder}")
     if why := hub_unreachable():
         cached = try_to_load_from_cache(repo_id, f"{folder}/train.parquet", repo_type="dataset")

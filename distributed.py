@@ -312,22 +312,14 @@ def check_resumable(ckpt, state, cfg):
     if state["shard"] != cfg.shard and "ddp" in (state["shard"], cfg.shard):
         sys.exit(f"error: {ckpt} was written with --shard={state['shard']}; resume it with that --shard "
                  f"(zero2 and zero3 checkpoints are interchangeable)")
-    if cfg.shard != "ddp" and not os.path.isdir(os.path.join(ckpt, "shards")):
-        sys.exit(f"error: {ckpt} has no shards/ (written by train.py before 2026-11-25, which kept only the optimizer "
-                 f"there); start a new run from its exported weights: --model={ckpt}/model --out=NEW_DIR")
 
 
 def load_training_state(ckpt, state, policy, optimizer, cfg):
     """Resume: the fp32 master weights and the optimizer (ddp), or the parameter and Adam shards (zero2/zero3)."""
     if cfg.shard == "ddp":
-        weights = os.path.join(ckpt, "weights.pt")  # (before 2026-11-29 the fp32 export, loaded already, held them)
-        if os.path.exists(weights):
-            module = policy.module if isinstance(policy, DDP) else policy
-            module.lm.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-        optim = state.get("optimizer")  # (inside state.pt in checkpoints of train.py before 2026-11-25)
-        if optim is None:
-            optim = torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(optim)
+        module = policy.module if isinstance(policy, DDP) else policy
+        module.lm.load_state_dict(torch.load(os.path.join(ckpt, "weights.pt"), weights_only=True, map_location="cpu"))
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optim.pt"), weights_only=True, map_location="cpu"))
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,

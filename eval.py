@@ -371,6 +371,7 @@ def main(argv):
     master, benchmarks, template = rank == 0, cfg.benchmarks.split(","), cfg.template
 
     try:  # everything that can fail on bad input happens before a model is loaded
+        reward.check_math_verify()  # grading needs it: one line now, not a traceback after the generation
         if cfg.regrade:
             rows = read_generations(cfg.regrade)
             if master:
@@ -393,7 +394,7 @@ def main(argv):
                 found.insert(0, (run["model"], 0))
             outs = [os.path.join(cfg.checkpoints, "eval", f"step_{step:06d}") for _, step in found]
             jobs = [(c, out) for (c, _), out in zip(found, outs) if not os.path.isfile(out + "/summary.json")]
-    except DataError as e:
+    except (DataError, ImportError) as e:
         sys.exit(f"error: {e}")
 
     cuda = torch.cuda.is_available()

@@ -2,9 +2,12 @@
 
     cfg, given = parse_flags(sys.argv[1:], Config, PRESETS)   # --preset=NAME first, then every other flag
 
-Unknown names and bad values exit with one line (naming the closest flags), so a typo never reaches a model load.
---help (or -h) prints every flag with its default and the trailing `# comment` of its field in the Config source (the
-dataclass is the one place flags are documented), then the presets, and exits 0.
+A field's type says what its flag takes: bool (true/false/1/0), int, float (finite), str, `float | None` ("none" is
+None) or `Literal["a", "b"]` (one of those values; the one place they are listed: the check and --help read them).
+Unknown names and bad values exit with one line (naming the closest flags or the allowed values), so a typo never
+reaches a model load. --help (or -h) prints every flag with its default, its allowed values and its field's `# comment`
+in the Config source (the trailing comment, with the comment lines under it aligned with it: the dataclass is the one
+place flags are documented), then the presets, and exits 0.
 """
 import ast
 import dataclasses
@@ -16,6 +19,7 @@ import os
 import sys
 import textwrap
 import tokenize
+import typing
 
 
 def parse_flags(argv, config_cls, presets):
@@ -38,38 +42,67 @@ def parse_flags(argv, config_cls, presets):
     if preset not in presets:
         sys.exit(f"error: unknown --preset={preset}; choose one of {', '.join(presets)}")
     cfg = config_cls(**{**presets[preset], "preset": preset})
+    types = typing.get_type_hints(config_cls)
     for name, value in args.items():
-        kind = type(getattr(cfg, name))
-        try:
-            setattr(cfg, name, {"true": True, "1": True, "false": False, "0": False}[value.lower()] if kind is bool
-                    else kind(value))
-        except (ValueError, KeyError):
-            sys.exit(f"error: --{name}={value} is not a valid {kind.__name__}")
-        if kind is float and not math.isfinite(getattr(cfg, name)):  # float("nan") parses, then poisons the run
-            sys.exit(f"error: --{name}={value} is not a finite number")
+        setattr(cfg, name, parse_value(name, value, types[name]))
     return cfg, set(args)
 
 
+def parse_value(name, value, kind):
+    """The string of --name=value -> a value of the field's type `kind`; exits with one line if it is not one."""
+    if choices := literal_values(kind):
+        if value not in choices:
+            sys.exit(f"error: --{name}={value} is not one of {', '.join(choices)}")
+        return value
+    if type(None) in typing.get_args(kind):  # X | None
+        if value.lower() == "none":
+            return None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    try:
+        x = {"true": True, "1": True, "false": False, "0": False}[value.lower()] if kind is bool else kind(value)
+    except (ValueError, KeyError):
+        sys.exit(f"error: --{name}={value} is not a valid {kind.__name__}")
+    if kind is float and not math.isfinite(x):  # float("nan") parses, then poisons the run
+        sys.exit(f"error: --{name}={value} is not a finite number")
+    return x
+
+
+def literal_values(kind):
+    """The allowed values of a `Literal[...]` field type (as strings), () for any other type."""
+    return tuple(map(str, typing.get_args(kind))) if typing.get_origin(kind) is typing.Literal else ()
+
+
 def field_comments(config_cls):
-    """{field name: the trailing # comment of its line in the class source ("" if none)}."""
+    """{field name: its # comment in the class source ("" if none)}: the trailing comment of its line, and the
+    comment-only lines right under it that start in the same column (a comment that runs on), joined by spaces."""
     src = textwrap.dedent(inspect.getsource(config_cls))
-    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
-                if t.type == tokenize.COMMENT}
-    return {n.target.id: comments.get(n.end_lineno, "") for n in ast.parse(src).body[0].body
-            if isinstance(n, ast.AnnAssign)}
+    lines = src.splitlines()
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())  # line -> (column, text)
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    out = {}
+    for n in (n for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)):
+        column, text = comments.get(n.end_lineno, (None, ""))
+        row = n.end_lineno + 1
+        while row in comments and comments[row][0] == column and lines[row - 1].lstrip().startswith("#"):
+            text, row = f"{text} {comments[row][1]}", row + 1
+        out[n.target.id] = text
+    return out
 
 
 def usage(config_cls, presets):
     """The --help text: the script docstring's first two paragraphs, each flag as --name=default with its
     comment, then each preset's fields."""
     module = sys.modules[config_cls.__module__]
-    show = lambda v: str(v).lower() if isinstance(v, bool) else str(v)
+    show = lambda v: str(v).lower() if isinstance(v, bool) or v is None else str(v)
     lines = [f"usage: python {os.path.basename(module.__file__)} [--preset=NAME] [--name=value ...]", "",
              "\n\n".join((module.__doc__ or "").strip().split("\n\n")[:2]), "", "flags (--name=value; shown with the default):"]
-    comments = field_comments(config_cls)
+    comments, types = field_comments(config_cls), typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = f"  --{f.name}={show(f.default)}"
-        lines.append(f"{flag:<38}{comments[f.name]}" if len(flag) < 38 else f"{flag}\n{'':38}{comments[f.name]}")
+        choices = literal_values(types[f.name])
+        text = (f"{{{', '.join(choices)}}} " if choices else "") + comments[f.name]  # {ddp, zero2, zero3} ...
+        text = textwrap.fill(text, width=120, initial_indent=" " * 38, subsequent_indent=" " * 38)
+        lines.append(flag + text[len(flag):] if len(flag) < 38 else f"{flag}\n{text}")
     lines += ["", "presets (--preset=NAME sets these fields first; other flags then override them):"]
     for name, fields in presets.items():
         lines.append(textwrap.fill(" ".join(f"{k}={show(v)}" for k, v in fields.items()), width=118,

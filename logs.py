@@ -1,7 +1,7 @@
 """What a run records and shows (rank 0): config.json, metrics.jsonl, samples.jsonl, curves.png, the step line with
 its ETA, the end-of-run line, and optionally the same metrics in Weights & Biases and TensorBoard.
 
-    logs.check_packages(cfg)           # before any model loads: matplotlib, and wandb / tensorboard if asked
+    logs.check_packages(cfg)           # before any model loads: math-verify, matplotlib, wandb / tensorboard if asked
     rec = logs.start(cfg, start_step)  # config.json; trims log lines past the checkpoint; opens the sinks
     m = logs.step_metrics(...)         # every rank: the step's metrics, summed over ranks
     rec.log_step(m, ...)               # the step line, a metrics.jsonl row, a few completions, the sinks, curves.png
@@ -41,8 +41,9 @@ import distributed
 
 def check_packages(cfg):
     """Exits with one line (naming the pip command) if a package the run will import later does not import:
-    matplotlib for curves.png, wandb for --wandb, tensorboard for --tensorboard."""
-    for needed, module, why, pip in [(True, "matplotlib", "curves.png", "matplotlib"),
+    math-verify for grading (reward.py), matplotlib for curves.png, wandb for --wandb, tensorboard for --tensorboard."""
+    for needed, module, why, pip in [(True, "math_verify", "grading", "math-verify"),
+                                     (True, "matplotlib", "curves.png", "matplotlib"),
                                      (cfg.wandb, "wandb", f"--wandb={cfg.wandb}", "wandb"),
                                      (cfg.tensorboard, "torch.utils.tensorboard", "--tensorboard", "tensorboard")]:
         try:

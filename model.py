@@ -57,7 +57,7 @@ def from_hub(name):
     if isinstance(cached, str):
         return os.path.dirname(cached)
     sys.exit(f"error: --model={name} is not in the local Hugging Face cache and {why}; download it where there is a "
-             f"network (`huggingface-cli download {name} --local-dir DIR`) and pass --model=DIR")
+             f"network (`hf download {name} --local-dir DIR`) and pass --model=DIR")
 
 
 def load_config(name, cfg):

@@ -56,8 +56,6 @@ from fractions import Fraction
 from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
 # The end-of-turn strings, the one list of them: cut_response cuts at the first, and train.py and eval.py stop on
 # each that is one token of the vocabulary (rollout.stop_token_ids).
 STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "</s>")
@@ -171,18 +169,31 @@ def _fast_equal(pred: str, gold: str, percent: bool) -> bool | None:
     return None if percent or "." in pred + gold else False
 
 
-_GOLD_CONFIG = [LatexExtractionConfig()]
-_PRED_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
+def check_math_verify() -> None:
+    """Raises ImportError with one line naming the pip command when math-verify, which grading needs, does not import."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"grading needs the math-verify package ({e}): pip install math-verify") from None
+
+
+@lru_cache(maxsize=None)
+def _math_verify():
+    """(parse, verify, gold configs, prediction configs): math-verify, imported on first use (only grading needs it,
+    so `import reward` works without it)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    return parse, verify, [LatexExtractionConfig()], [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
 @lru_cache(maxsize=1 << 14)
 def _parse_gold(gold: str) -> list:
     r"""The gold as parsed LaTeX, raw if sympy can read it (so `2\sqrt{2}` stays 2*sqrt(2)), else normalised."""
+    parse, _, gold_config, _ = _math_verify()
     gold = re.sub(r"(?<!\\)\$", "", gold).strip()            # every math delimiter: `a+$ $b` is one expression
-    raw = parse(f"${gold}$", _GOLD_CONFIG, parsing_timeout=None)
+    raw = parse(f"${gold}$", gold_config, parsing_timeout=None)
     if any(not isinstance(x, str) for x in raw):              # [sympy expr, its string]; a string alone: unread
         return raw
-    return parse(f"${normalize(gold)}$", _GOLD_CONFIG, parsing_timeout=None) or raw
+    return parse(f"${normalize(gold)}$", gold_config, parsing_timeout=None) or raw
 
 
 def is_equiv(pred: str, gold: str) -> bool:
@@ -193,7 +204,8 @@ def is_equiv(pred: str, gold: str) -> bool:
         return decided
     if not p or len(p) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
-    target = parse(f"${p}$", _PRED_CONFIG, parsing_timeout=None)
+    parse, verify, _, pred_config = _math_verify()
+    target = parse(f"${p}$", pred_config, parsing_timeout=None)
     return bool(target) and verify(_parse_gold(gold), target, timeout_seconds=None)
 
 
@@ -222,6 +234,7 @@ def _worker_loop(fd: int) -> None:
     _cap(resource.RLIMIT_CORE, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)              # Ctrl-C is the parent's business
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": we kill instead
+    _math_verify()  # before "ready": its import (sympy, ~1 s) must not count against a response's timeout
     conn.send("ready")
     try:
         while (message := conn.recv()) is not None:
@@ -349,6 +362,7 @@ def score(responses: list[str], golds: list[str], timeout: float = 5.0, format_p
         raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
     if not responses:
         return []
+    check_math_verify()  # in this process: a worker would only report "error" for each response
     items = [(str(r), str(g), format_penalty) for r, g in zip(responses, golds)]
     for attempt in range(2):           # a pool whose workers cannot start is rebuilt once, then we give up
         pool = _get_pool()
@@ -388,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"{args.input}:{lineno} needs 'response' and 'gold' fields")
                 rows.append(row)
     except (OSError, ValueError) as e:           # missing file, bad JSON, missing fields
+        print(f"reward.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_math_verify()
+    except ImportError as e:
         print(f"reward.py: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()

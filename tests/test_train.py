@@ -83,7 +83,10 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
                      ("--grad_clip=0", "grad_clip must be > 0"), ("--lr=nan", "not a finite number"),
                      ("--temperature=inf", "not a finite number"), ("--engine=cb", "--engine=cb is not one of slots, pad"),
                      ("--clip_eps_high=-0.1", "must be >= 0"),
-                     ("--loss_agg=mean", "--loss_agg=mean is not one of token, seq, seq_sum_norm")]:
+                     ("--loss_agg=mean", "--loss_agg=mean is not one of token, seq, seq_sum_norm"),
+                     ("--shard=zero1", "--shard=zero1 is not one of ddp, zero2, zero3"),
+                     ("--export_dtype=fp8", "--export_dtype=fp8 is not one of auto, bfloat16, float16, float32"),
+                     ("--clip_eps_high=wide", "--clip_eps_high=wide is not a valid float")]:
         with pytest.raises(SystemExit, match=msg):
             train.parse_config([bad])
     cfg = train.parse_config(["--preset=smoke", "--steps=3", "--grad_ckpt"])
@@ -95,7 +98,8 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
     assert train.parse_config(["--preset=32b"]).kl_coef == 1e-3
     assert train.parse_config(["--preset=math-7b"]).max_response_len == 3072
     assert (cfg.clip_eps_high, cfg.loss_agg, cfg.adv_std, cfg.skip_zero_var, cfg.mask_truncated) == \
-        (0.0, "token", True, False, False)  # the Zoo: symmetric clip, token mean, std-normalised, nothing left out
+        (None, "token", True, False, False)  # the Zoo: symmetric clip, token mean, std-normalised, nothing left out
+    assert train.parse_config(["--clip_eps_high=0.28", "--clip_eps_high=none"]).clip_eps_high is None
     v = train.parse_config(["--clip_eps_high=0.28", "--loss_agg=seq_sum_norm", "--adv_std=false", "--skip_zero_var",
                             "--mask_truncated"])
     assert (v.clip_eps_high, v.loss_agg, v.adv_std, v.skip_zero_var, v.mask_truncated) == \
@@ -155,9 +159,17 @@ def test_help_prints_every_flag_with_its_default_and_comment_and_exits_0():
     assert r.returncode == 0 and r.stderr == "", r.stderr
     comments = flags_module.field_comments(train.Config)
     assert comments["samples_per_prompt"] == "group size G" and comments["wandb"].startswith("W&B project")
+    # a comment that runs on over the lines under its field is read whole (here: three lines)
+    assert comments["eval_every"].startswith("greedy eval every N steps") and comments["eval_every"].endswith(
+        "a before/after table at the end; 0 = off") and "val_before_train" in comments["eval_every"]
+    assert comments["clip_eps"].startswith("PPO ratio clip") and "upper clip" not in comments["clip_eps"]
+    words = " ".join(r.stdout.split())  # (help wraps long comments)
     for f in dataclasses.fields(train.Config):  # the Config dataclass is the source: every field has a comment
-        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
-        assert comments[f.name] and f"--{f.name}={default}" in r.stdout and comments[f.name] in r.stdout, f.name
+        default = str(f.default).lower() if isinstance(f.default, bool) or f.default is None else str(f.default)
+        assert comments[f.name] and f"--{f.name}={default}" in r.stdout and comments[f.name] in words, f.name
+    # the values a Literal field allows are listed from its type, before its comment
+    assert "--shard=zero3 {ddp, zero2, zero3} ddp: a full replica" in words
+    assert "--loss_agg=token {token, seq, seq_sum_norm} normaliser" in words
     for name, preset in train.PRESETS.items():
         assert f"\n  {name:<9}" in r.stdout and f"out={preset['out']}" in r.stdout
     assert "python train.py --preset=smoke" in r.stdout  # the docstring's launch lines
