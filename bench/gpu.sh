@@ -2,6 +2,7 @@
 # Everything one lent GPU (H200 or H100) must tell us, in one script of about 8 minutes:
 #   bash bench/gpu.sh           # GPU; logs under $OUT (default /tmp/zero_rl_gpu): one file per part, all.log, and
 #                               # at the end one summary table of every part's JSON lines (bench/gpu_summary.py)
+#   PARTS="0 1 2" bash bench/gpu.sh   # only those parts (by number), in the script's order
 #   bash bench/gpu.sh --dry     # CPU: every part at toy size, to check that each command starts and runs (minutes),
 #                               # with pyarrow, math_verify and matplotlib import-blocked (BLOCK=0 to allow them)
 # Needs only torch>=2.11, transformers>=5.17 and accelerate: no flash-attn, math-verify, pyarrow, matplotlib or
@@ -21,6 +22,7 @@ exec > >(tee "$OUT/all.log") 2>&1
 
 part() {  # part NAME TIMEOUT_S ESTIMATE COMMAND...: run, log to $OUT/NAME.log, record exit status and seconds
   local name=$1 limit=$(($2 * SLOW)) estimate=$3; shift 3
+  if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" ${name%%_*} "* ]]; then return; fi  # PARTS="1 0 2": only those
   echo "=== $name (estimate $estimate, timeout ${limit}s): $*"
   local t0=$SECONDS
   timeout -k 10 $limit "$@" 2>&1 | tee "$OUT/$name.log"
