@@ -35,6 +35,7 @@ taken from the decode pass: what the training forward computes (model.py: token_
 """
 import contextlib
 import functools
+import importlib.util
 import time
 from dataclasses import dataclass
 
@@ -178,14 +179,20 @@ def _capture_stream(device):
     return torch.cuda.Stream(device)
 
 
-@functools.cache
-def _flash_attn_with_kvcache():
+def _import_flash_attn_with_kvcache():
     """flash_attn.flash_attn_with_kvcache where flash-attn imports, else None (then torch's own flash kernel)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
     try:
         from flash_attn import flash_attn_with_kvcache
         return flash_attn_with_kvcache
     except (ImportError, OSError):
         return None
+
+
+# Resolved once, at import: torch.compile (COMPILE) cannot trace an import inside the decode step (on the H200 without
+# flash-attn, dynamo stopped at `from flash_attn import ...` with "Import failure").
+FLASH_ATTN_WITH_KVCACHE = _import_flash_attn_with_kvcache()
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling, slot_cache=None, slot_fill=None,
@@ -226,7 +233,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling, slot_cach
         out = F.scaled_dot_product_attention(query.reshape(b, Hkv, Hq // Hkv, D), k_cache[:, :keys].transpose(1, 2),
                                              v_cache[:, :keys].transpose(1, 2), attn_mask=slot_mask, scale=scaling)
         return out.reshape(b, 1, Hq, D), None  # (b, Hkv, g, D) -> (b, 1, Hq, D)
-    flash = _flash_attn_with_kvcache()
+    flash = FLASH_ATTN_WITH_KVCACHE
     if flash is not None:
         return flash(query.transpose(1, 2), k_cache, v_cache, cache_seqlens=slot_used, softmax_scale=scaling), None
     cu = torch.arange(b + 1, device=query.device, dtype=torch.int32)  # (b + 1,) one query per slot; slot i's keys
@@ -505,7 +512,7 @@ def _generate_slots(model, prompts, n, max_new_tokens, temperature, top_p, stop_
     from torch.distributed.fsdp import FSDPModule
     runner = _GraphRunner(flash and CUDA_GRAPHS and tp_group is None and  # FSDP hooks, TP collectives: eager
                           not any(isinstance(m, FSDPModule) for m in model.modules()), device)
-    attention = "sdpa" if not flash else "flash_attn_with_kvcache" if _flash_attn_with_kvcache() else "torch_flash"
+    attention = "sdpa" if not flash else "flash_attn_with_kvcache" if FLASH_ATTN_WITH_KVCACHE else "torch_flash"
     if not bar.disable:
         print(f"{line} | decode attention {attention}{' | CUDA graphs' if runner.graphs is not None else ''}",
               flush=True)

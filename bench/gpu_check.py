@@ -52,7 +52,7 @@ def attention_check(device):
                          slot_mask=mask)[0]
     err, written = (out.float() - ref).abs().max().item(), torch.equal(flash_cache.float(),
                                                                       ref_cache.to(torch.bfloat16).float())
-    return dict(check="decode_attention", kernel="flash_attn" if rollout._flash_attn_with_kvcache() else "torch_flash",
+    return dict(check="decode_attention", kernel="flash_attn" if rollout.FLASH_ATTN_WITH_KVCACHE else "torch_flash",
                 max_abs_err=round(err, 5), ref_max_abs=round(ref.abs().max().item(), 3), cache_written=written,
                 ok=err < 0.05 and written)
 
