@@ -1,7 +1,7 @@
 """What a run records and shows (rank 0): config.json, metrics.jsonl, samples.jsonl, curves.png, the step line with
 its ETA, the end-of-run line, and optionally the same metrics in Weights & Biases and TensorBoard.
 
-    logs.check_packages(cfg)           # before any model loads: math-verify, matplotlib, wandb / tensorboard if asked
+    logs.check_packages(cfg)           # before any model loads: math-verify, wandb / tensorboard if asked
     rec = logs.start(cfg, start_step)  # config.json; trims log lines past the checkpoint; opens the sinks
     m = logs.step_metrics(...)         # every rank: the step's metrics, summed over ranks
     rec.log_step(m, ...)               # the step line, a metrics.jsonl row, a few completions, the sinks, curves.png
@@ -39,11 +39,21 @@ import torch.distributed as dist
 import distributed
 
 
-def check_packages(cfg):
+def has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def check_packages(cfg, grading=True):
     """Exits with one line (naming the pip command) if a package the run will import later does not import:
-    math-verify for grading (reward.py), matplotlib for curves.png, wandb for --wandb, tensorboard for --tensorboard."""
-    for needed, module, why, pip in [(True, "math_verify", "grading", "math-verify"),
-                                     (True, "matplotlib", "curves.png", "matplotlib"),
+    math-verify for grading (reward.py; grading=False: the caller grades), wandb for --wandb, tensorboard for
+    --tensorboard. Without matplotlib, one warning: the run goes on without curves.png."""
+    if not has_matplotlib():
+        print("warning: no curves.png without the matplotlib package (pip install matplotlib)", file=sys.stderr)
+    for needed, module, why, pip in [(grading, "math_verify", "grading", "math-verify"),
                                      (cfg.wandb, "wandb", f"--wandb={cfg.wandb}", "wandb"),
                                      (cfg.tensorboard, "torch.utils.tensorboard", "--tensorboard", "tensorboard")]:
         try:
@@ -277,7 +287,9 @@ def series(rows, keys):
 
 def plot_run(out):
     """OUT/curves.png from OUT/metrics.jsonl: the CURVES panels, and eval accuracy (%) per benchmark when the run
-    evaluated (--eval_every). Returns the panel titles."""
+    evaluated (--eval_every). Returns the panel titles ([] without matplotlib: check_packages warned at the start)."""
+    if not has_matplotlib():
+        return []
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     evals = {k[5:]: k for r in rows for k in r if k.startswith("eval_") and "/" not in k}  # accuracies only
     panels = [(title, series(rows, keys)) for title, keys in CURVES]

@@ -360,7 +360,7 @@ class Run:
     summary: str           # one line on the data and the batch, logged at start
 
 
-def prepare(cfg, rank, world):
+def prepare(cfg, rank, world, grading=True):
     """Everything that can fail on bad input, before any model loads: the tokenizer, the template, the data, the
     sampler and the checkpoint it resumes from, the eval benchmarks, the model's context, the tp plan, the checkpoint
     writer, --out. Exits with one line on the first problem."""
@@ -391,7 +391,7 @@ def prepare(cfg, rank, world):
     if cfg.gen_tp > 1:
         distributed.tp_plan(model_config, cfg.gen_tp)
     distributed.check_checkpoint_writer(cfg.shard)
-    logs.check_packages(cfg)
+    logs.check_packages(cfg, grading)  # grading: math-verify (not needed with main's own score=)
     distributed.check_out(cfg, ckpts[-1] if ckpts else None, state)
     G, local = cfg.samples_per_prompt, cfg.prompts_per_step // world
     summary = (f"data {cfg.data}: {len(prompt_ids)} prompts ({n_skipped} rows skipped: empty prompt/answer; {n_long} "
@@ -425,9 +425,9 @@ def main(argv, score=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = parse_config(argv)
     distributed.check_shape(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    master, G, score = rank == 0, cfg.samples_per_prompt, score or reward.score
+    master, G, grading, score = rank == 0, cfg.samples_per_prompt, score is None, score or reward.score
     log = print if master else (lambda *a, **k: None)
-    run = prepare(cfg, rank, world)
+    run = prepare(cfg, rank, world, grading)
     tokenizer, local_rank = run.tokenizer, int(os.environ.get("LOCAL_RANK", 0))
     device = distributed.init(cfg, rank, world, local_rank, run.state["step"] if run.state else 0)
     log(run.summary)

@@ -30,8 +30,8 @@ what is carved from its freed segment needs rows above the slots that fit (MEMOR
 train.py runs under torchrun through this file (`--worker`, internal): `train.main(flags, score=exact_integer)`, a
 grader that needs no math-verify (the GPU machine may lack it): 1.0 when the answer reward.py extracts (the last box,
 else "the answer is", else the last number) is the gold integer exactly; the built-in arithmetic data has integer
-golds. reward.py imports math_verify at its top; where it is not installed, a placeholder module satisfies that import
-(its parse/verify raise if called). Needs torch, transformers, accelerate and tokenizers only.
+golds (train.main checks for math-verify only when it grades itself). Needs torch, transformers, accelerate and
+tokenizers only.
 """
 import argparse
 import json
@@ -40,7 +40,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -48,22 +47,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)  # train.py
 
 
-def _placeholder_math_verify():
-    """reward.py (imported by train.py) imports math_verify at its top; this bench grades without it. Where it is not
-    installed, a module with its names stands in: the configs build (reward.py makes two at import), parse and
-    verify raise."""
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        def missing(*args, **kwargs):
-            raise ImportError("math-verify is not installed; bench/train_step.py grades with exact_integer")
-        stub = types.ModuleType("math_verify")
-        stub.LatexExtractionConfig = stub.ExprExtractionConfig = lambda *args, **kwargs: None
-        stub.parse = stub.verify = missing
-        sys.modules["math_verify"] = stub
-
-
-_placeholder_math_verify()
 import train  # noqa: E402  (first: it sets the CUDA allocator's settings before torch is imported)
 import reward  # noqa: E402
 import torch  # noqa: E402
