@@ -142,7 +142,8 @@ PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses bet
     # weight decay 0.1. Not taken: its 32B model, DAPO-Math-17k, 512 prompts x 16 samples, 20480-token responses, and
     # its -1 reward for a wrong answer (ours stays 0/1).
     # TODO(dynsample): dynamic_sampling=True (re-sample until the batch is full of groups with unequal rewards) once
-    # --dynamic_sampling is on main; until then skip_zero_var, the filter form (those groups leave the update).
+    # --dynamic_sampling is on main; until then skip_zero_var, the filter form (those groups leave the update). verl
+    # filters groups on accuracy (filter_groups.metric=acc); skip_zero_var reads the shaped rewards.
     "dapo": dict(ZOO, kl_coef=0.0, entropy_coef=0.0, clip_eps=0.2, clip_eps_high=0.28, loss_agg="token",
                  skip_zero_var=True, overlong_buffer=4096, overlong_penalty=1.0, lr=1e-6, warmup_steps=10,
                  weight_decay=0.1, out="runs/dapo"),
