@@ -189,13 +189,14 @@ def checkpoints(out):
 EXPORT_FILE_BYTES = 5 * 2**30  # size of one safetensors file of a zero2/zero3 checkpoint's model/ export
 
 
-def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_steps, cfg, master, export_dtype):
+def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, scheduler, sampler, bad_steps, cfg, master,
+                    export_dtype):
     """Called on every rank. step_NNNNNN/: model/ (the full model as HF safetensors in export_dtype, e.g. bf16 as the
-    released Zoo models, + config + tokenizer), state.pt (step, sampler, consecutive bad steps) and the fp32 training
-    state: under ddp weights.pt (the master weights) and optim.pt; under zero2/zero3 shards/, the fp32 parameter and
-    Adam shards (torch.distributed.checkpoint; resumes on any number of ranks). Under ddp model/ is rank 0's
-    save_pretrained; under zero2/zero3 each rank writes its slices and rank 0 merges them into ~5 GB safetensors files
-    tensor by tensor (DCP's HuggingFaceStorageWriter), so no full copy of the model is ever gathered in memory.
+    released Zoo models, + config + tokenizer), state.pt (step, sampler, LR scheduler, consecutive bad steps) and the
+    fp32 training state: under ddp weights.pt (the master weights) and optim.pt; under zero2/zero3 shards/, the fp32
+    parameter and Adam shards (torch.distributed.checkpoint; resumes on any number of ranks). Under ddp model/ is rank
+    0's save_pretrained; under zero2/zero3 each rank writes its slices and rank 0 merges them into ~5 GB safetensors
+    files tensor by tensor (DCP's HuggingFaceStorageWriter), so no full copy of the model is ever gathered in memory.
     Written as .tmp, then renamed. With cfg.keep_last, older checkpoints then lose their training state (they stay
     for eval) once this one is complete."""
     final = os.path.join(out, f"step_{step:06d}")
@@ -204,7 +205,8 @@ def save_checkpoint(out, step, policy, lm, tokenizer, optimizer, sampler, bad_st
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint of a killed run
     if dist.is_initialized():
         dist.barrier()
-    state = dict(step=step, sampler=sampler.state_dict(), bad_steps=bad_steps, shard=cfg.shard)
+    state = dict(step=step, sampler=sampler.state_dict(), scheduler=scheduler.state_dict(), bad_steps=bad_steps,
+                 shard=cfg.shard)
     if cfg.shard != "ddp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

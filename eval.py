@@ -1,5 +1,6 @@
 r"""Math benchmarks of SimpleRL-Zoo's table (GSM8K, MATH500, Minerva Math, OlympiadBench, AIME24, AMC23), graded by
-reward.py, the same grader as training.
+reward.py, the same grader as training. Accuracy counts each grade's `correct` (the answer equals the gold), never a
+reward: training's shaping (--overlong_buffer, --format_reward; reward.shaped_rewards) cannot move it.
 
     python eval.py --model=Qwen/Qwen2.5-7B --data_dir=DIR --out=runs/eval/base      # greedy, all six benchmarks
     torchrun --nproc_per_node 8 eval.py --model=runs/7b/step_000090/model --preset=rl --data_dir=DIR --out=OUT
@@ -206,12 +207,13 @@ def table(summary, by_step=False):
 
 
 def grade(rows):
-    """Sets preds, correct (0/1) and boxed (0/1) of each row from its responses and gold, with reward.score."""
+    """Sets preds, correct (0/1: Grade.correct, not its reward) and boxed (0/1) of each row from its responses and
+    gold, with reward.score."""
     grades = iter(reward.score([t for r in rows for t in r["responses"]],
                                [r["gold"] for r in rows for _ in r["responses"]]))
     for r in rows:
         gs = [next(grades) for _ in r["responses"]]
-        r.update(preds=[g.pred for g in gs], correct=[int(g.reward == 1) for g in gs], boxed=[int(g.boxed) for g in gs])
+        r.update(preds=[g.pred for g in gs], correct=[int(g.correct) for g in gs], boxed=[int(g.boxed) for g in gs])
     return rows
 
 

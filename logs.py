@@ -109,16 +109,18 @@ def memory_meaning(device):
 
 
 def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skipped, times, seq_lens, rollout_mem,
-                 device, rollout_stats=None):
+                 device, lr, rollout_stats=None):
     """One metrics.jsonl row: sums over all ranks (every rank calls this), then means (loss stats: over the tokens
-    trained on). times: the step's five timestamps (start, rollout, reward, log-probs, update done). rollout_stats:
-    this rank's rollout.generate stats (rollout_metrics)."""
+    trained on). rewards (B,): the ones trained on (shaped); accuracy: the fraction of grades that are correct.
+    times: the step's five timestamps (start, rollout, reward, log-probs, update done). lr: this step's.
+    rollout_stats: this rank's rollout.generate stats (rollout_metrics)."""
     G = cfg.samples_per_prompt
     groups = rewards.view(-1, G)  # (B/G, G)
     tot = dict(zip(sums, distributed.all_sum(list(sums.values()), device)))
     # zero-variance groups: all rewards equal, exactly (train.kept_responses' rule for --skip_zero_var)
-    n_resp, reward_sum, zero_var, clip_n, len_sum, to_s, fail_n = distributed.all_sum([
-        len(grades), rewards.sum().item(), (groups == groups[:, :1]).all(1).sum().item(),
+    n_resp, reward_sum, correct_n, zero_var, clip_n, len_sum, to_s, fail_n = distributed.all_sum([
+        len(grades), rewards.sum().item(), sum(g.correct for g in grades),
+        (groups == groups[:, :1]).all(1).sum().item(),
         sum(r == "length" for r in ro.finish_reason), ro.lengths.sum().item(),
         sum(g.status == "timeout" for g in grades), sum(g.status == "error" for g in grades)], device)
     lmax, lmin = ro.lengths.max().to(device), ro.lengths.min().to(device)  # (on the GPU for NCCL)
@@ -127,11 +129,11 @@ def step_metrics(cfg, step, epoch, ro, rewards, grades, sums, grad_norms, skippe
         dist.all_reduce(lmin, op=dist.ReduceOp.MIN)
     t0, t1, t2, t3, t4 = times
     n_tok = max(tot["tokens"], 1)  # 0 when --skip_zero_var / --mask_truncated left every response out
-    return dict(step=step, epoch=round(epoch, 4), reward=reward_sum / n_resp,
+    return dict(step=step, epoch=round(epoch, 4), reward=reward_sum / n_resp, accuracy=correct_n / n_resp,
                 zero_var_groups=zero_var / (n_resp / G), len_mean=len_sum / n_resp, len_max=int(lmax),
                 len_min=int(lmin), clip_ratio=clip_n / n_resp, pg_loss=tot["pg"] / n_tok,
                 clip_frac=tot["clipped"] / n_tok, kl=tot["kl"] / n_tok, entropy=tot["entropy"] / n_tok,
-                grad_norm=sum(grad_norms) / len(grad_norms), lr=cfg.lr, skipped_updates=skipped,
+                grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, skipped_updates=skipped,
                 skipped_groups=int(zero_var) if cfg.skip_zero_var else 0,  # left out of the update (all ranks)
                 masked_responses=int(clip_n) if cfg.mask_truncated else 0,
                 grade_timeouts=int(to_s), grade_errors=int(fail_n),
@@ -205,9 +207,10 @@ class Recorder:
             self.tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=start + 1)
             self.tb.add_text("config", textwrap.indent(json.dumps(config, indent=2), "    "), start)
 
-    def log_step(self, m, ro, texts, grades, golds, tokenizer, curves=False):
-        """The step's line (step k/N, elapsed, ETA), its metrics.jsonl row, a few completions in samples.jsonl, the
-        sinks; curves.png too if `curves` (checkpoints and the last step). golds: per row."""
+    def log_step(self, m, ro, texts, grades, rewards, golds, tokenizer, curves=False):
+        """The step's line (step k/N, elapsed, ETA), its metrics.jsonl row, a few completions in samples.jsonl (each
+        with its reward trained on and its grade's `correct`), the sinks; curves.png too if `curves` (checkpoints and
+        the last step). rewards (B,), golds: per row."""
         cfg, step = self.cfg, m["step"]
         elapsed = time.time() - self.t0
         left = elapsed / (step - self.start) * (cfg.steps - step)
@@ -217,7 +220,8 @@ class Recorder:
               f"{rollout_line(m)}"
               f"elapsed {duration(elapsed)} | eta {duration(left)}{eval_line(m)}", flush=True)
         samples = [dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b], gold=golds[b],
-                        reward=grades[b].reward, pred=grades[b].pred, finish=ro.finish_reason[b])
+                        reward=float(rewards[b]), correct=grades[b].correct, pred=grades[b].pred,
+                        finish=ro.finish_reason[b])
                    for b in range(min(4, len(texts)))]  # a few completions per step
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -229,7 +233,8 @@ class Recorder:
             for tag, v in scalars.items():
                 self.tb.add_scalar(tag, v, step)
             self.tb.add_text("samples", "\n\n".join(
-                f"**reward {s['reward']}** | gold `{s['gold']}` | pred `{s['pred']}` | {s['finish']}\n\n"
+                f"**reward {s['reward']}** | correct {s['correct']} | gold `{s['gold']}` | pred `{s['pred']}` | "
+                f"{s['finish']}\n\n"
                 + textwrap.indent(s["prompt"] + s["response"], "    ") for s in samples), step)
             self.tb.flush()  # a run stopped by sys.exit never closes it
         if self.wandb and step > self.wandb_has:
@@ -268,7 +273,7 @@ class Recorder:
 
 
 CURVES = [  # the panels of a training run's curves.png: (title, {legend label: metrics.jsonl key})
-    ("reward (mean)", {"reward": "reward"}),
+    ("reward (mean)", {"reward": "reward", "accuracy": "accuracy"}),
     ("response length (tokens)", {"mean": "len_mean", "max": "len_max"}),
     ("clip ratio (cut at max length)", {"clip ratio": "clip_ratio"}),
     ("KL to reference (per token)", {"kl": "kl"}),

@@ -1,8 +1,17 @@
 r"""Rule-based math reward for zero-RL: 1.0 if the response's final answer equals the gold answer, else 0.0.
 
-    grades = score(responses, golds)   # [Grade(reward, pred, boxed, status)], in order; status "ok"|"timeout"|"error"
-    grades = score(responses, golds, timeout=5.0, format_penalty=True)   # -1.0 when nothing is boxed
-    python reward.py IN.jsonl --out OUT.jsonl   # rows {"response", "gold", ...} -> same rows + "reward", "pred"
+    grades = score(responses, golds)   # [Grade(reward, pred, boxed, status, correct)] in order; 5 s per response
+    rewards = shaped_rewards(grades, lengths, max_len, overlong_buffer=4096)   # train.py: the rewards it trains on
+    python reward.py IN.jsonl --out OUT.jsonl   # rows {"response", "gold", ...} -> + "reward", "correct", "pred"
+
+Correctness and reward are two fields: `correct` (the answer equals the gold) is what eval.py's accuracy, pass@k and
+train.py's `accuracy` metric count; `reward` is what the policy is trained on. The grader's reward is float(correct);
+shaping (training only) is one pure function, shaped_rewards, which moves rewards and never `correct`:
+  - overlong (DAPO, --overlong_buffer B, --overlong_penalty f): a response of L tokens longer than max_len - B gets
+    r += min(-(L - (max_len - B)) / B * f, 0), from 0 at max_len - B down to -f at max_len (verl's DAPO reward
+    manager, verl/workers/reward_manager/dapo.py:121-127 at 1dda039; L counts the stop token, as verl's does).
+  - format (--format_reward x): x > 0 is added to the reward of each response with a boxed answer (a bonus), x < 0
+    to each without one (a penalty). Both off by default (the Zoo: rewards are exactly 0/1).
 
 Grading one response (grade_one, in-process, no timeout):
   1. cut_response: the text before the first of STOP_STRINGS (<|im_end|>, <|endoftext|>, </s>), the strings the
@@ -68,10 +77,11 @@ STARTUP_SECONDS = 60               # a worker that is not ready by then means th
 
 @dataclass
 class Grade:
-    reward: float      # 1.0 / 0.0 (or -1.0 in format_penalty mode)
+    reward: float      # the grader's: float(correct); a custom score() may give any reward (train.py trains on it)
     pred: str          # extracted prediction ("" if none)
     boxed: bool        # a \boxed{}/\fbox{} answer was found
     status: str        # "ok" | "timeout" | "error"
+    correct: bool = False  # the prediction equals the gold (math-verify): accuracy counts this, never the reward
 
 
 # ---------------------------------------------------------------- extraction (pure functions)
@@ -209,7 +219,7 @@ def is_equiv(pred: str, gold: str) -> bool:
     return bool(target) and verify(_parse_gold(gold), target, timeout_seconds=None)
 
 
-def grade_one(response: str, gold: str, format_penalty: bool = False) -> Grade:
+def grade_one(response: str, gold: str) -> Grade:
     """Grade one response in this process and thread (no timeout; score() adds one)."""
     pred, boxed, correct, status = "", False, False, "ok"
     try:
@@ -217,7 +227,26 @@ def grade_one(response: str, gold: str, format_penalty: bool = False) -> Grade:
         correct = bool(pred) and is_equiv(pred, gold)
     except Exception:       # noqa: BLE001 -- a grader bug or MemoryError must not stop training
         status = "error"
-    return Grade(-1.0 if format_penalty and not boxed else float(correct), pred, boxed, status)
+    return Grade(float(correct), pred, boxed, status, correct)
+
+
+# ---------------------------------------------------------------- shaping (a pure function; train.py only)
+
+def shaped_rewards(grades: list[Grade], lengths: list[int], max_len: int, overlong_buffer: int = 0,
+                   overlong_penalty: float = 1.0, format_reward: float = 0.0) -> list[float]:
+    """The rewards train.py trains on: each grade's reward plus DAPO's overlong penalty (overlong_buffer > 0) and the
+    format bonus/penalty (format_reward != 0); see the module docstring. lengths: response tokens (the stop token
+    counted), max_len: the rollout's max_response_len. With the defaults: the grades' rewards, unchanged."""
+    rewards = []
+    for g, length in zip(grades, lengths, strict=True):
+        r = g.reward
+        if overlong_buffer:   # verl/workers/reward_manager/dapo.py:121-127
+            exceed = length - (max_len - overlong_buffer)
+            r += min(-exceed / overlong_buffer * overlong_penalty, 0)
+        if format_reward > 0 and g.boxed or format_reward < 0 and not g.boxed:
+            r += format_reward
+        rewards.append(r)
+    return rewards
 
 
 # ---------------------------------------------------------------- process pool
@@ -228,7 +257,7 @@ def _cap(kind: int, soft: int) -> None:
 
 
 def _worker_loop(fd: int) -> None:
-    """Worker process: receive (timeout, [(index, response, gold, format_penalty)]), send (index, result) each."""
+    """Worker process: receive (timeout, [(index, response, gold)]), send (index, result) each."""
     conn = Connection(fd)
     _cap(resource.RLIMIT_AS, WORKER_MEMORY_BYTES)
     _cap(resource.RLIMIT_CORE, 0)
@@ -239,11 +268,11 @@ def _worker_loop(fd: int) -> None:
     try:
         while (message := conn.recv()) is not None:
             timeout, batch = message
-            for i, response, gold, format_penalty in batch:
+            for i, response, gold in batch:
                 use = resource.getrusage(resource.RUSAGE_SELF)  # backstop if the parent died: SIGXCPU ends us
                 _cap(resource.RLIMIT_CPU, int(use.ru_utime + use.ru_stime + 2 * timeout) + 2)
-                g = grade_one(response, gold, format_penalty)
-                conn.send((i, (g.reward, g.pred, g.boxed, g.status)))
+                g = grade_one(response, gold)
+                conn.send((i, (g.reward, g.pred, g.boxed, g.status, g.correct)))
     except (EOFError, OSError):                                # the parent went away
         pass
 
@@ -356,14 +385,14 @@ def shutdown(pool: _Pool | None = None) -> None:
             pool.close()
 
 
-def score(responses: list[str], golds: list[str], timeout: float = 5.0, format_penalty: bool = False) -> list[Grade]:
+def score(responses: list[str], golds: list[str], timeout: float = 5.0) -> list[Grade]:
     """Grade responses against golds in worker processes, `timeout` seconds of wall clock each; same order."""
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
     if not responses:
         return []
     check_math_verify()  # in this process: a worker would only report "error" for each response
-    items = [(str(r), str(g), format_penalty) for r, g in zip(responses, golds)]
+    items = [(str(r), str(g)) for r, g in zip(responses, golds)]
     for attempt in range(2):           # a pool whose workers cannot start is rebuilt once, then we give up
         pool = _get_pool()
         try:
@@ -376,14 +405,15 @@ def score(responses: list[str], golds: list[str], timeout: float = 5.0, format_p
     for k, result in enumerate(results):
         if isinstance(result, str):    # "timeout"/"error": its worker was lost; extraction is cheap to redo here
             pred, boxed = extract_answer(cut_response(items[k][0]))
-            results[k] = (-1.0 if format_penalty and not boxed else 0.0, pred, boxed, result)
+            results[k] = (0.0, pred, boxed, result, False)
     return [Grade(*result) for result in results]
 
 
 # ---------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Grade JSONL rows {response, gold}; writes them back + reward, pred.")
+    ap = argparse.ArgumentParser(description="Grade JSONL rows {response, gold}; writes them back + reward, correct, "
+                                             "pred.")
     ap.add_argument("input", help="JSONL file, one object per line with 'response' and 'gold'")
     ap.add_argument("--out", required=True, help="output JSONL path")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds of wall clock per response")
@@ -414,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     with open(args.out, "w", encoding="utf-8") as f:
         for row, g in zip(rows, grades):
-            f.write(json.dumps({**row, "reward": g.reward, "pred": g.pred}) + "\n")
+            f.write(json.dumps({**row, "reward": g.reward, "correct": g.correct, "pred": g.pred}) + "\n")
     n, timeouts = len(rows), sum(g.status == "timeout" for g in grades)
-    accuracy = sum(g.reward == 1.0 for g in grades) / max(n, 1)
+    accuracy = sum(g.correct for g in grades) / max(n, 1)
     print(f"graded {n} | accuracy {accuracy:.4f} | timeouts {timeouts} | {n / max(seconds, 1e-9):.1f} responses/s",
           file=sys.stderr)
     return 0

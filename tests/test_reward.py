@@ -1,6 +1,7 @@
 """reward.py: grading rules (a table written from the rules), robustness against hostile inputs, the process pool."""
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reward  # noqa: E402
-from reward import Grade, cut_response, extract_answer, grade_one, normalize, score  # noqa: E402
+from reward import Grade, cut_response, extract_answer, grade_one, normalize, score, shaped_rewards  # noqa: E402
 
 HANG = r"\boxed{\dfrac{5^{\left(5^{\left(5^{\left(5^5\right)}\right)} - 4\right)} - 5}{16}}"  # Math-Verify issue #65
 
@@ -113,13 +114,14 @@ CASES = [
 @pytest.mark.parametrize("response,gold,expected", CASES)
 def test_grade_one_table(response, gold, expected):
     g = grade_one(response, gold)
-    assert (g.reward, g.status) == (expected, "ok"), g
+    assert (g.reward, g.correct, g.status) == (expected, expected == 1.0, "ok"), g
 
 
 def test_score_matches_the_table_in_order():
     grades = score([c[0] for c in CASES], [c[1] for c in CASES])
     assert [g.reward for g in grades] == [c[2] for c in CASES]
-    assert all(isinstance(g, Grade) and g.status == "ok" for g in grades)
+    assert [g.correct for g in grades] == [c[2] == 1.0 for c in CASES]  # (a bool through the worker's pipe too)
+    assert all(isinstance(g, Grade) and g.status == "ok" and type(g.correct) is bool for g in grades)
 
 
 def test_cut_response():
@@ -151,14 +153,53 @@ def test_normalize(raw, clean):
     assert normalize(raw) == clean
 
 
-def test_grade_fields_and_format_penalty():
-    assert grade_one(r"so \boxed{5}", "5") == Grade(1.0, "5", True, "ok")
-    assert grade_one("so 5", "5") == Grade(1.0, "5", False, "ok")
-    assert grade_one("so 5", "5", format_penalty=True) == Grade(-1.0, "5", False, "ok")
-    assert grade_one(r"\boxed{4}", "5", format_penalty=True) == Grade(0.0, "4", True, "ok")
-    assert grade_one(r"\boxed{5}", "5", format_penalty=True).reward == 1.0
-    rewards = [g.reward for g in score(["so 5", r"\boxed{4}", r"\boxed{5}"], ["5"] * 3, format_penalty=True)]
-    assert rewards == [-1.0, 0.0, 1.0]
+def test_grade_fields():
+    assert grade_one(r"so \boxed{5}", "5") == Grade(1.0, "5", True, "ok", True)
+    assert grade_one("so 5", "5") == Grade(1.0, "5", False, "ok", True)
+    assert grade_one(r"\boxed{4}", "5") == Grade(0.0, "4", True, "ok", False)
+    assert score(["so 5", r"\boxed{4}"], ["5"] * 2) == [Grade(1.0, "5", False, "ok", True),
+                                                          Grade(0.0, "4", True, "ok", False)]
+
+
+def verl_dapo_overlong(score, valid_response_length, max_resp_len, overlong_buffer_len, overlong_penalty_factor):
+    """The reference, verl's DAPO reward manager as written: verl-project/verl verl/workers/reward_manager/dapo.py,
+    lines 119-127 at 1dda039 (2026-08), the same code at lines 100-108 in 4f80e46 (the DAPO reproduction commit)."""
+    reward = score
+    expected_len = max_resp_len - overlong_buffer_len
+    exceed_len = valid_response_length - expected_len
+    overlong_reward = min(-exceed_len / overlong_buffer_len * overlong_penalty_factor, 0)
+    reward += overlong_reward
+    return reward
+
+
+def test_shaping_off_gives_the_grades_rewards_bit_for_bit():
+    """The Zoo (every shaping flag at its default): the rewards trained on are the grader's, the same floats."""
+    grades = [Grade(r, "", b, "ok", r == 1.0) for r in (1.0, 0.0, 0.1 + 0.2, 1 / 3, -0.0) for b in (True, False)]
+    lengths = [0, 1, 7, 99, 100, 100, 3, 50, 64, 100]
+    bits = lambda xs: [struct.pack("<d", x) for x in xs]  # (-0.0 + 0.0 would be 0.0: a different float)
+    assert bits(shaped_rewards(grades, lengths, 100)) == bits(g.reward for g in grades)
+
+
+def test_overlong_shaping_is_verls_dapo_penalty():
+    max_len, buffer, factor = 64, 16, 0.7
+    grades = [Grade(r, "", True, "ok", r == 1.0) for r in (0.0, 1.0)]
+    for length in range(max_len + 1):
+        got = shaped_rewards(grades, [length] * 2, max_len, buffer, factor)
+        assert got == [verl_dapo_overlong(g.reward, length, max_len, buffer, factor) for g in grades], length
+    # what it means: nothing up to max_len - buffer, then linear down to -factor at max_len
+    at = lambda n: shaped_rewards(grades[:1], [n], max_len, buffer, factor)[0]
+    assert at(max_len - buffer) == 0 and at(max_len) == pytest.approx(-factor)
+    assert at(max_len - buffer // 2) == pytest.approx(-factor / 2)
+
+
+def test_format_reward_adds_a_bonus_to_boxed_or_a_penalty_to_unboxed():
+    grades = [Grade(1.0, "5", True, "ok", True), Grade(1.0, "5", False, "ok", True), Grade(0.0, "4", True, "ok", False),
+              Grade(0.0, "", False, "ok", False)]
+    assert shaped_rewards(grades, [5] * 4, 10, format_reward=0.25) == [1.25, 1.0, 0.25, 0.0]
+    assert shaped_rewards(grades, [5] * 4, 10, format_reward=-1.0) == [1.0, 0.0, 0.0, -1.0]
+    both = shaped_rewards(grades, [10] * 4, 10, overlong_buffer=5, format_reward=-1.0)  # the two add up
+    assert both == [0.0, -1.0, -1.0, -2.0]
+    assert [g.correct for g in grades] == [True, True, False, False]  # shaping never touches a grade
 
 
 def test_hostile_inputs_return_within_the_limit():
@@ -193,7 +234,7 @@ def test_hanging_input_does_not_lose_or_reorder_others():
     grades = score(responses, golds, timeout=1.5)
     assert time.monotonic() - t0 < 15
     expected = [0.0 if i in (5, 17) or i % 3 == 0 else 1.0 for i in range(n)]
-    assert [g.reward for g in grades] == expected
+    assert [g.reward for g in grades] == expected and [g.correct for g in grades] == [e == 1.0 for e in expected]
     assert [g.status for g in grades] == ["timeout" if i in (5, 17) else "ok" for i in range(n)]
     assert [g.pred for i, g in enumerate(grades) if i not in (5, 17)] == [
         str(i if i % 3 else i + 1) for i in range(n) if i not in (5, 17)]
@@ -315,8 +356,8 @@ def test_cli_round_trip(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     out = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [{k: v for k, v in o.items() if k not in ("reward", "pred")} for o in out] == rows
-    assert [o["reward"] for o in out] == [1.0, 0.0, 1.0]
+    assert [{k: v for k, v in o.items() if k not in ("reward", "correct", "pred")} for o in out] == rows
+    assert [o["reward"] for o in out] == [1.0, 0.0, 1.0] and [o["correct"] for o in out] == [True, False, True]
     assert [o["pred"] for o in out] == ["4", "5", r"\frac{1}{2}"]
     assert "accuracy 0.6667" in run.stderr and "timeouts 0" in run.stderr and "responses/s" in run.stderr
 

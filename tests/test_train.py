@@ -154,6 +154,23 @@ def test_cli_rejects_bad_flags(model_dir, data_file, tmp_path, monkeypatch):
                 train.main(flags(model_dir, data_file, str(tmp_path / "sinks"), **flag))
 
 
+def test_shaping_and_warmup_flags_and_the_dapo_preset():
+    cfg = train.parse_config([])  # the Zoo: no shaping, a constant LR
+    assert (cfg.overlong_buffer, cfg.format_reward, cfg.warmup_steps) == (0, 0.0, 0)
+    v = train.parse_config(["--overlong_buffer=4096", "--overlong_penalty=0.5", "--format_reward=-1",
+                            "--warmup_steps=10"])
+    assert (v.overlong_buffer, v.overlong_penalty, v.format_reward, v.warmup_steps) == (4096, 0.5, -1.0, 10)
+    for bad, msg in [("--overlong_buffer=-1", "must be >= 0"), ("--overlong_penalty=-1", "must be >= 0"),
+                     ("--warmup_steps=-1", "must be >= 0"),
+                     ("--overlong_buffer=8193", "must be <= --max_response_len")]:
+        with pytest.raises(SystemExit, match=msg):
+            train.parse_config([bad])
+    d = train.parse_config(["--preset=dapo"])  # verl's DAPO recipe on the 7b Zoo run
+    assert (d.model, d.kl_coef, d.entropy_coef, d.clip_eps, d.clip_eps_high, d.loss_agg) == \
+        ("Qwen/Qwen2.5-7B", 0.0, 0.0, 0.2, 0.28, "token")
+    assert (d.overlong_buffer, d.overlong_penalty, d.lr, d.warmup_steps, d.weight_decay) == (4096, 1.0, 1e-6, 10, 0.1)
+
+
 def test_help_prints_every_flag_with_its_default_and_comment_and_exits_0():
     r = run(["--help"])
     assert r.returncode == 0 and r.stderr == "", r.stderr
@@ -234,18 +251,20 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
     """Also the run's records: curves.png, the step and end lines, and the W&B (offline) and TensorBoard sinks, which
     continue the same run after a restart without duplicate steps."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = run(flags(model_dir, data_file, a, steps=4))
+    warmup = dict(warmup_steps=4)  # resumed from step 2, in the middle of the LR warmup (the scheduler's state)
+    r = run(flags(model_dir, data_file, a, steps=4, **warmup))
     assert r.returncode == 0, r.stderr
     sinks, env = dict(wandb="zoo", tensorboard="true"), dict(WANDB_MODE="offline")
-    r = run(flags(model_dir, data_file, b, steps=3, keep_last=2, **sinks), env=env)
+    r = run(flags(model_dir, data_file, b, steps=3, keep_last=2, **warmup, **sinks), env=env)
     assert r.returncode == 0, r.stderr
     shutil.rmtree(os.path.join(b, "step_000003"))  # the process died before its step-3 checkpoint: 3 is logged twice
     with open(os.path.join(b, "samples.jsonl"), "a") as f:  # ... and a kill cut a line in half
         f.write('{"step": 3, "prompt": "What is')
-    r = run(flags(model_dir, data_file, b, steps=4, keep_last=1, **sinks), env=env)
+    r = run(flags(model_dir, data_file, b, steps=4, keep_last=1, **warmup, **sinks), env=env)
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert [m["lr"] for m in mb] == [pytest.approx(1e-3 * k / 4) for k in (1, 2, 3, 4)]
     assert [json.loads(l)["step"] for l in open(os.path.join(b, "samples.jsonl"))] == \
            [json.loads(l)["step"] for l in open(os.path.join(a, "samples.jsonl"))]
     volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem")
@@ -296,13 +315,24 @@ def test_resume_equals_uninterrupted(model_dir, data_file, tmp_path):
 @pytest.mark.slow
 def test_variant_flags_run_and_count_what_they_leave_out(model_dir, data_file, tmp_path):
     """Every variant at once (README "Variants"): the run trains, and the metrics count the groups and responses
-    left out of the update (zero-variance groups; truncated responses: those that hit max_response_len)."""
+    left out of the update (zero-variance groups; truncated responses: those that hit max_response_len); the rewards
+    trained on are shaped (overlong, format) while `correct` and the accuracy are the grader's; the LR warms up."""
     out = str(tmp_path / "variants")
-    parity = lambda responses, golds: [Grade(float(len(r) % 2), "", False, "ok") for r in responses]  # mixed groups
+    odd = lambda r: len(r) % 2 == 1
+    parity = lambda responses, golds: [Grade(float(odd(r)), "", False, "ok", odd(r)) for r in responses]  # mixed
     train.main(flags(model_dir, data_file, out, max_response_len=40, clip_eps_high=0.28, loss_agg="seq_sum_norm",
-                     adv_std="false", skip_zero_var="true", mask_truncated="true", save_every=0), score=parity)
+                     adv_std="false", skip_zero_var="true", mask_truncated="true", overlong_buffer=10,
+                     format_reward=-0.5, warmup_steps=2, save_every=0), score=parity)
     m = metrics(out)
     assert [x["step"] for x in m] == [1, 2] and all(x["skipped_updates"] == 0 for x in m)
+    assert [x["lr"] for x in m] == [1e-3 / 2, 1e-3]
+    samples = [json.loads(l) for l in open(os.path.join(out, "samples.jsonl"))]
+    for x in samples:  # unboxed: -0.5 each; hit max_response_len (40 of a 10-token buffer): the full penalty, -1
+        assert x["correct"] == odd(x["response"]) and x["reward"] <= x["correct"] - 0.5, x
+        if x["finish"] == "length":
+            assert x["reward"] == pytest.approx(x["correct"] - 1.5), x
+    assert any(x["finish"] == "length" for x in samples) and any(x["correct"] for x in samples)
+    assert all(x["accuracy"] > x["reward"] for x in m)
     for x in m:  # 4 groups of 4 responses per step
         assert x["skipped_groups"] == round(4 * x["zero_var_groups"]) and x["masked_responses"] == \
             round(16 * x["clip_ratio"])
