@@ -54,7 +54,7 @@ from data import DataError, Sampler, Template, load_examples, load_template, tok
 from eval import before_after_table, check_benchmarks, train_eval
 from flags import parse_flags
 from model import Samples, batch_logprobs, load_config, load_models, load_tokenizer, sequence_logprobs
-from rollout import generate, stop_token_ids
+from rollout import Rollout, generate, stop_token_ids
 
 
 # -----------------------------------------------------------------------------
@@ -83,8 +83,14 @@ class Config:
     loss_agg: Literal["token", "seq", "seq_sum_norm"] = "token"  # normaliser: token (Zoo), seq (GRPO paper),
                                                                  # seq_sum_norm (Dr. GRPO); see loss_weights
     adv_std: bool = True            # advantages (r - mean) / std (Zoo); false: r - mean (Dr. GRPO)
-    skip_zero_var: bool = False     # leave out groups whose rewards are all equal (DAPO dynamic sampling, filter form)
+    skip_zero_var: bool = False     # leave out groups whose rewards are all equal: DAPO's filter without the refill
+                                    # (the batch shrinks; the gradient only grows: Adam + clipping barely notice)
     mask_truncated: bool = False    # leave out responses that hit max_response_len (DAPO overlong filtering)
+    # DAPO dynamic sampling (verl's filter_groups): generation batches of prompts_per_step prompts until
+    # prompts_per_step groups have rewards that differ, then train on the first prompts_per_step of them
+    dynamic_sampling: bool = False  # refill with more generation batches (off: the Zoo, one batch per step)
+    max_gen_batches: int = 10       # generation batches per step at most (verl's max_num_gen_batches; DAPO's 10);
+                                    # reaching it stops the run, as verl does; 0 = no limit
     mini_batches: int = 4           # optimizer steps per rollout batch (1 pass over the data)
     micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
     grad_ckpt: bool = True          # gradient checkpointing in the update
@@ -417,6 +423,65 @@ def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
                       cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine, max_prompts=cfg.rollout_prompts,
                       tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile)
     return ro, stats
+
+# -----------------------------------------------------------------------------
+# DAPO dynamic sampling (--dynamic_sampling): which groups of several generation batches a step trains, and where.
+
+
+def pick_groups(informative, prompts_per_step, world):
+    """informative[b][r]: one bool per group that rank r generated in generation batch b (True: its rewards differ)
+    -> per rank, the (b, r, j) groups it trains (group j of rank r's rows of batch b), prompts_per_step // world each.
+    Which: the first prompts_per_step informative groups in generation order, as verl keeps the first
+    train_batch_size: batch by batch, and within a batch in the sampler's order (rank r's group j was prompt
+    j * world + r of it). Where: each rank keeps its own chosen groups up to its share; the rest go, in that order,
+    to the ranks short of theirs (the fewest groups move; with every group informative, none does). A rank's list
+    is its own groups, then those it receives, each in generation order."""
+    order = [(b, p % world, p // world) for b, ranks in enumerate(informative)
+             for p in range(sum(map(len, ranks))) if ranks[p % world][p // world]]
+    assert len(order) >= prompts_per_step, f"{len(order)} informative groups for a batch of {prompts_per_step}"
+    chosen, share = order[:prompts_per_step], prompts_per_step // world
+    own = [[g for g in chosen if g[1] == r] for r in range(world)]
+    spare = [g for r in range(world) for g in own[r][share:]]  # chosen, beyond their rank's share
+    plan = []
+    for r in range(world):
+        need = share - min(len(own[r]), share)
+        plan.append(own[r][:share] + spare[:need])
+        spare = spare[need:]
+    return plan
+
+
+def group_rows(ro, j, G):
+    """Group j's G rows of a Rollout as a Rollout of their own: tensors copied (a view would pickle the whole
+    batch's storage) and cut to the group's longest response."""
+    r = ro.rows(slice(j * G, (j + 1) * G))
+    cut = lambda t: None if t is None else t[:, :int(r.lengths.max())].clone()  # (G, R_j)
+    return Rollout(r.prompt_ids, cut(r.response_ids), cut(r.response_mask), r.lengths.clone(), r.finish_reason,
+                   cut(r.logprobs))
+
+
+def cat_rollouts(parts, pad_id):
+    """Rollouts -> one, rows in order, responses right-padded to the longest (pad_id; mask False; logprobs 0)."""
+    R = max(p.response_ids.shape[1] for p in parts)
+    pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], R - t.shape[1]), v)], 1)  # (b, R)
+    return Rollout([x for p in parts for x in p.prompt_ids], torch.cat([pad(p.response_ids, pad_id) for p in parts]),
+                   torch.cat([pad(p.response_mask, False) for p in parts]), torch.cat([p.lengths for p in parts]),
+                   [x for p in parts for x in p.finish_reason],
+                   None if parts[0].logprobs is None else torch.cat([pad(p.logprobs, 0.0) for p in parts]))
+
+
+def deal_groups(gens, plan, G, pad_id, rank, world):
+    """gens: this rank's generation batches, each (Rollout, texts, grades, golds) with prompt-major rows; plan:
+    pick_groups' -> this rank's training batch (Rollout, texts, grades, golds): the groups plan[rank] names, each
+    from the rank that generated it (the groups that change rank travel in one all_gather_object)."""
+    group = lambda b, j: (group_rows(gens[b][0], j, G), *(x[j * G:(j + 1) * G] for x in gens[b][1:]))
+    leaving = {(b, r, j): group(b, j) for k in range(world) if k != rank for b, r, j in plan[k] if r == rank}
+    arrived = [leaving]
+    if world > 1:
+        arrived = [None] * world
+        dist.all_gather_object(arrived, leaving)
+    pool = {g: part for d in arrived for g, part in d.items()}
+    parts = [group(b, j) if r == rank else pool[(b, r, j)] for b, r, j in plan[rank]]
+    return (cat_rollouts([p[0] for p in parts], pad_id), *([x for p in parts for x in p[i]] for i in (1, 2, 3)))
 
 
 def main(argv, score=None):

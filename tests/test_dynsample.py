@@ -1,0 +1,110 @@
+"""DAPO dynamic sampling (--dynamic_sampling): which groups a step trains and on which rank (train.pick_groups), how
+their rows travel (train.group_rows, cat_rollouts, deal_groups), and a 2-rank run that refills and resumes exactly."""
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from rollout import Rollout
+
+
+def test_pick_groups_by_hand():
+    """2 ranks, 4 prompts a batch: rank r's group j is prompt j * 2 + r of its batch (the sampler's deal)."""
+    F, T = False, True
+    # batch 0 keeps 1 group (prompt 0), batch 1 keeps 3 (prompts 0, 2, 3): 4 = enough; rank 0 holds 3 of them
+    plan = train.pick_groups([[[T, F], [F, F]], [[T, T], [F, T]]], 4, 2)
+    assert plan == [[(0, 0, 0), (1, 0, 0)], [(1, 1, 1), (1, 0, 1)]]  # rank 0's third goes to rank 1, after its own
+    # batch 1 keeps all 4: 5 informative groups, truncated to the first 4 in generation order (verl's batch[:traj_bsz])
+    plan = train.pick_groups([[[T, F], [F, F]], [[T, T], [T, T]]], 4, 2)
+    assert plan == [[(0, 0, 0), (1, 0, 0)], [(1, 1, 0), (1, 0, 1)]]  # (1, 1, 1): prompt 3 of batch 1, left out
+    # every group informative in the first batch: each rank trains its own groups, nothing moves
+    assert train.pick_groups([[[T, T], [T, T]]], 4, 2) == [[(0, 0, 0), (0, 0, 1)], [(0, 1, 0), (0, 1, 1)]]
+    with pytest.raises(AssertionError, match="3 informative groups for a batch of 4"):
+        train.pick_groups([[[T, F], [T, T]]], 4, 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_pick_groups_invariants(world):
+    """Random informative patterns: the trained groups are exactly the first prompts_per_step informative prompts of
+    the generation stream (read off a flat list of prompts, not through pick_groups' indexing), each once, as many on
+    every rank, and only the surplus of a rank over its share moves."""
+    rng = random.Random(world)
+    for _ in range(200):
+        P = world * rng.randint(1, 4)
+        stream = []  # (batch, position in the batch, informative) of every prompt generated
+        while sum(f for _, _, f in stream) < P:
+            b = len(stream) // P
+            stream += [(b, p, rng.random() < 0.4) for p in range(P)]
+        informative = [[[f for bb, p, f in stream if bb == b and p % world == r] for r in range(world)]
+                       for b in range(stream[-1][0] + 1)]
+        plan = train.pick_groups(informative, P, world)
+        first = [(b, p) for b, p, f in stream if f][:P]
+        trained = [(b, j * world + r) for groups in plan for b, r, j in groups]
+        assert sorted(trained) == sorted(first) and len(set(trained)) == P
+        assert all(len(groups) == P // world for groups in plan)
+        for k, groups in enumerate(plan):  # own groups first, then received ones, each in generation order
+            own = [g for g in groups if g[1] == k]
+            assert groups[:len(own)] == own == sorted(own, key=lambda g: (g[0], g[2]))
+        held = [sum(p % world == r for _, p in first) for r in range(world)]
+        moved = sum(g[1] != k for k, groups in enumerate(plan) for g in groups)
+        assert moved == sum(max(0, h - P // world) for h in held)
+
+
+def random_rollout(n_groups, G, logprobs=True, seed=0):
+    """A Rollout shaped like rollout.generate's: right-padded, R = the longest response, logprobs 0 on padding."""
+    g = torch.Generator().manual_seed(seed)
+    B = n_groups * G
+    lengths = torch.randint(1, 9, (B,), generator=g)  # (B,)
+    R = int(lengths.max())
+    mask = torch.arange(R)[None] < lengths[:, None]  # (B, R)
+    ids = torch.randint(5, 100, (B, R), generator=g).masked_fill(~mask, 0)  # (B, R)
+    lp = -torch.rand(B, R, generator=g) * mask if logprobs else None  # (B, R)
+    prompts = [list(range(i // G + 1)) for i in range(B)]
+    return Rollout(prompts, ids, mask, lengths, ["stop" if x % 2 else "length" for x in lengths.tolist()], lp)
+
+
+def same_rollout(a, b):
+    return (a.prompt_ids == b.prompt_ids and torch.equal(a.response_ids, b.response_ids) and
+            torch.equal(a.response_mask, b.response_mask) and torch.equal(a.lengths, b.lengths) and
+            a.finish_reason == b.finish_reason and
+            (a.logprobs is None and b.logprobs is None or torch.equal(a.logprobs, b.logprobs)))
+
+
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_group_rows_then_cat_rollouts_is_the_rollout(logprobs):
+    """Cut into groups (each copied, cut to its own longest response) and joined again: the same Rollout."""
+    ro, G = random_rollout(5, 3, logprobs), 3
+    parts = [train.group_rows(ro, j, G) for j in range(5)]
+    assert all(p.response_ids.shape[1] == int(p.lengths.max()) for p in parts)
+    assert all(p.response_ids.untyped_storage().nbytes() == p.response_ids.numel() * 8 for p in parts)  # copies
+    assert same_rollout(train.cat_rollouts(parts, 0), ro)
+    # another order: each group's rows as they were, padded to the new batch's longest response
+    back = train.cat_rollouts(parts[::-1], 0)
+    for j in range(5):
+        rows = back.rows(slice((4 - j) * G, (5 - j) * G))
+        R = parts[j].response_ids.shape[1]
+        assert same_rollout(Rollout(rows.prompt_ids, rows.response_ids[:, :R], rows.response_mask[:, :R],
+                                    rows.lengths, rows.finish_reason, None if not logprobs else rows.logprobs[:, :R]),
+                            parts[j])
+        assert not rows.response_mask[:, R:].any() and (rows.response_ids[:, R:] == 0).all()
+
+
+def test_deal_groups_one_rank():
+    """One rank: the planned groups of several generation batches, in plan order, with their texts, grades, golds."""
+    G = 2
+    gens = []
+    for b in range(3):
+        ro = random_rollout(4, G, seed=b)
+        gens.append((ro, [f"t{b}.{i}" for i in range(8)], [f"g{b}.{i}" for i in range(8)],
+                     [f"a{b}.{i}" for i in range(8)]))
+    plan = [[(2, 0, 1), (0, 0, 3), (0, 0, 0), (1, 0, 2)]]
+    ro, texts, grades, golds = train.deal_groups(gens, plan, G, 0, rank=0, world=1)
+    assert same_rollout(ro, train.cat_rollouts([train.group_rows(gens[b][0], j, G) for b, _, j in plan[0]], 0))
+    rows = [(b, j * G + i) for b, _, j in plan[0] for i in range(G)]
+    assert texts == [f"t{b}.{i}" for b, i in rows] and grades == [f"g{b}.{i}" for b, i in rows]
+    assert golds == [f"a{b}.{i}" for b, i in rows]
