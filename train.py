@@ -516,19 +516,45 @@ def main(argv, score=None):
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
-        idx = run.sampler.next()  # this rank's prompts
-        times = [time.time()]
+        times, t_gen = [time.time()], 0.0
         logs.peak_memory_gib(device, reset=True)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
-        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights.
-        ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
-        times.append(time.time())
+        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights, graded
+        # on this rank. --dynamic_sampling (DAPO): generation batches of prompts_per_step prompts (the sampler moves
+        # on by each) until prompts_per_step groups on all ranks together have rewards that differ; the first
+        # prompts_per_step of them are the step's batch, prompts_per_step // world per rank (pick_groups).
+        gens, informative = [], []  # this rank's generation batches; per batch, per rank: its groups' rewards differ
+        while True:
+            idx = run.sampler.next()  # this rank's prompts
+            t = time.time()
+            ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
+            t_gen += time.time() - t
+            texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
+            golds = [run.golds[i] for i in idx for _ in range(G)]
+            grades = score(texts, golds)
+            gens.append((ro, texts, grades, golds))
+            if not cfg.dynamic_sampling:
+                break
+            by_group = torch.tensor([g.reward for g in grades]).view(-1, G)  # (b/G, G)
+            differ = (by_group != by_group[:, :1]).any(1).tolist()  # kept_responses' rule: not all rewards equal
+            informative.append([differ] if world == 1 else [None] * world)
+            if world > 1:
+                dist.all_gather_object(informative[-1], differ)
+            kept = sum(sum(flags) for ranks in informative for flags in ranks)  # all ranks, all batches so far
+            if kept >= cfg.prompts_per_step:
+                break
+            if len(gens) == cfg.max_gen_batches:  # verl raises here too
+                sys.exit(f"error: step {step}: {kept} of the {len(gens) * cfg.prompts_per_step} prompts of "
+                         f"--max_gen_batches={cfg.max_gen_batches} generation batches had rewards that differ, short "
+                         f"of --prompts_per_step={cfg.prompts_per_step}; the data is too hard or too easy for the "
+                         f"model: raise --max_gen_batches (0 = no limit) or change the data")
+        if cfg.dynamic_sampling:
+            ro, texts, grades, golds = deal_groups(gens, pick_groups(informative, cfg.prompts_per_step, world), G,
+                                                   tokenizer.pad_token_id, rank, world)
+        times.append(times[0] + t_gen)  # t_rollout: generating; t_reward: decoding, grading, dealing
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 
         # 2. Reward and group-normalised advantages on this rank's own groups.
-        texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
-        golds = [run.golds[i] for i in idx for _ in range(G)]
-        grades = score(texts, golds)
         rewards = torch.tensor([g.reward for g in grades])  # (B,)
         adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
         truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
@@ -553,6 +579,10 @@ def main(argv, score=None):
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
                                     [len(x) for x in s.seqs], rollout_mem, device, ro_stats)
+        if cfg.dynamic_sampling:  # all ranks: generation batches, prompts generated, groups whose rewards differed
+            gen_reward = distributed.all_sum([sum(g.reward for gen in gens for g in gen[2])], device)[0]
+            metrics.update(gen_batches=len(gens), gen_prompts=len(gens) * cfg.prompts_per_step, gen_kept_groups=kept,
+                           gen_reward=gen_reward / (len(gens) * cfg.prompts_per_step * G))
         metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)

@@ -3,6 +3,7 @@ their rows travel (train.group_rows, cat_rollouts, deal_groups), and a 2-rank ru
 import json
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 import train
 from rollout import Rollout
+from test_train import flags, run
 
 
 def test_pick_groups_by_hand():
@@ -108,3 +110,48 @@ def test_deal_groups_one_rank():
     rows = [(b, j * G + i) for b, _, j in plan[0] for i in range(G)]
     assert texts == [f"t{b}.{i}" for b, i in rows] and grades == [f"g{b}.{i}" for b, i in rows]
     assert golds == [f"a{b}.{i}" for b, i in rows]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_two_rank_dynamic_sampling_refills_and_resumes_exactly(model_dir, data_file, tmp_path):
+    """2 ranks, 4 prompts a batch, a reward under which half the prompts (even golds) always give all-equal groups:
+    steps refill (more than one generation batch), train only on groups whose rewards differ, the sampler moves on by
+    every prompt generated, and a run killed after step 3's log but before its checkpoint resumes from step 2 and
+    replays step 3 bit for bit."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    launcher = ("torchrun", "--standalone", "--nproc_per_node=2", "tests/dynsample_train.py")
+    args = dict(steps=3, save_every=2, dynamic_sampling="true", max_gen_batches=0)
+    r = run(flags(model_dir, data_file, a, **args), launcher=launcher)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ma = metrics(a)
+    assert [m["step"] for m in ma] == [1, 2, 3]
+    assert all(m["zero_var_groups"] == 0 and m["gen_kept_groups"] >= 4 for m in ma), ma  # trained: informative only
+    assert all(m["gen_prompts"] == 4 * m["gen_batches"] for m in ma) and any(m["gen_batches"] > 1 for m in ma), ma
+    assert re.search(r"step 3/3 \|.*\| refill \d+ batches: \d+/\d+ groups differ \|", r.stdout), r.stdout[-2000:]
+    state = torch.load(os.path.join(a, "step_000003", "state.pt"), weights_only=True)
+    assert state["sampler"]["pos"] == sum(m["gen_prompts"] for m in ma)  # every generation batch consumed
+
+    shutil.copytree(a, b)
+    shutil.rmtree(os.path.join(b, "step_000003"))  # killed before its step-3 checkpoint: resumes from step 2
+    r = run(flags(model_dir, data_file, b, **args), launcher=launcher)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    mb = metrics(b)
+    volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem")
+    assert [m["step"] for m in mb] == [1, 2, 3]
+    assert [{k: v for k, v in m.items() if not k.startswith(volatile)} for m in ma] == \
+           [{k: v for k, v in m.items() if not k.startswith(volatile)} for m in mb]
+    wa, wb = (load_file(os.path.join(d, "step_000003", "model", "model.safetensors")) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert torch.load(os.path.join(b, "step_000003", "state.pt"), weights_only=True)["sampler"] == state["sampler"]
