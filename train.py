@@ -16,7 +16,8 @@ distributed.py.
 
 Variants, each one flag whose default is the Zoo (README "Variants"): --clip_eps_high (DAPO clip-higher), --loss_agg
 (seq: GRPO paper, seq_sum_norm: Dr. GRPO), --adv_std=false (Dr. GRPO), --skip_zero_var and --mask_truncated (DAPO's
-filters: those responses are left out of the update and of its normaliser).
+filters: those responses are left out of the update and of its normaliser), --dynamic_sampling (DAPO's dynamic
+sampling: more generation batches until prompts_per_step groups have rewards that differ; pick_groups).
 
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first

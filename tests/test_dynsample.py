@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import train
 from rollout import Rollout
+from reward import Grade
 from test_train import flags, run
 
 
@@ -155,3 +156,33 @@ def test_two_rank_dynamic_sampling_refills_and_resumes_exactly(model_dir, data_f
     wa, wb = (load_file(os.path.join(d, "step_000003", "model", "model.safetensors")) for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert torch.load(os.path.join(b, "step_000003", "state.pt"), weights_only=True)["sampler"] == state["sampler"]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_with_every_group_informative_is_the_plain_run(model_dir, data_file, tmp_path):
+    """Rewards that differ in every group: one generation batch a step, each rank trains its own groups, and the run
+    equals the one without --dynamic_sampling (same metrics, samples and weights) but for the gen_* metrics."""
+    alternate = lambda responses, golds: [Grade(float(i % 2), "", False, "ok") for i in range(len(responses))]
+    plain, dyn = str(tmp_path / "plain"), str(tmp_path / "dyn")
+    train.main(flags(model_dir, data_file, plain, save_every=2), score=alternate)
+    train.main(flags(model_dir, data_file, dyn, save_every=2, dynamic_sampling="true"), score=alternate)
+    volatile = ("t_", "gen_tok_s", "train_tok_s", "peak_mem")
+    mp, md = metrics(plain), metrics(dyn)
+    assert [(m["gen_batches"], m["gen_prompts"], m["gen_kept_groups"], m["gen_reward"]) for m in md] == \
+           [(1, 4, 4, 0.5)] * 2
+    assert [{k: v for k, v in m.items() if not k.startswith(volatile)} for m in mp] == \
+           [{k: v for k, v in m.items() if not k.startswith(volatile + ("gen_",))} for m in md]
+    assert open(os.path.join(plain, "samples.jsonl")).read() == open(os.path.join(dyn, "samples.jsonl")).read()
+    wp, wd = (load_file(os.path.join(d, "step_000002", "model", "model.safetensors")) for d in (plain, dyn))
+    assert all(torch.equal(wp[k], wd[k]) for k in wp)
+
+
+def test_max_gen_batches_stops_the_run(model_dir, data_file, tmp_path):
+    """No group ever informative: after --max_gen_batches generation batches the run stops with one line (verl raises
+    there), having trained nothing."""
+    zeros = lambda responses, golds: [Grade(0.0, "", False, "ok") for _ in responses]
+    out = str(tmp_path / "stuck")
+    with pytest.raises(SystemExit, match=r"^error: step 1: 0 of the 12 prompts of --max_gen_batches=3 generation "
+                                         r"batches had rewards that differ.*raise --max_gen_batches \(0 = no limit\)"):
+        train.main(flags(model_dir, data_file, out, dynamic_sampling="true", max_gen_batches=3), score=zeros)
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
