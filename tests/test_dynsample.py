@@ -141,6 +141,8 @@ def test_two_rank_dynamic_sampling_refills_and_resumes_exactly(model_dir, data_f
     assert all(m["zero_var_groups"] == 0 and m["gen_kept_groups"] >= 4 for m in ma), ma  # trained: informative only
     assert all(m["gen_prompts"] == 4 * m["gen_batches"] for m in ma) and any(m["gen_batches"] > 1 for m in ma), ma
     assert re.search(r"step 3/3 \|.*\| refill \d+ batches: \d+/\d+ groups differ \|", r.stdout), r.stdout[-2000:]
+    received = [int(n) for n in re.findall(r"deal_groups checked on rank \d: (\d+) groups received", r.stdout)]
+    assert len(received) == 2 * 3 and sum(received) > 0, r.stdout[-2000:]  # every step, and groups moved
     state = torch.load(os.path.join(a, "step_000003", "state.pt"), weights_only=True)
     assert state["sampler"]["pos"] == sum(m["gen_prompts"] for m in ma)  # every generation batch consumed
 
