@@ -555,7 +555,7 @@ def main(argv, score=None):
         times.append(times[0] + t_gen)  # t_rollout: generating; t_reward: decoding, grading, dealing
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 
-        # 2. Reward and group-normalised advantages on this rank's own groups.
+        # 2. Group-normalised advantages on this rank's groups (with --dynamic_sampling: those dealt to it).
         rewards = torch.tensor([g.reward for g in grades])  # (B,)
         adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
         truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
