@@ -298,7 +298,8 @@ class Sampler:
     prompts_per_step indices of that stream (running on into the next epoch's permutation, so no prompt is
     skipped; a step that straddles two epochs can hold a prompt twice) and rank r keeps batch[r::world]. The state
     is the global position in the stream, so a resumed run sees the same prompts, even with a different world size
-    (same prompts_per_step)."""
+    (same prompts_per_step). train.py --dynamic_sampling calls next() once per generation batch, several a step:
+    the position counts every prompt generated, trained on or not."""
 
     def __init__(self, n: int, prompts_per_step: int, seed: int, rank: int = 0, world: int = 1):
         if n <= 0 or prompts_per_step <= 0:

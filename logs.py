@@ -167,6 +167,14 @@ def duration(seconds):
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def refill_line(m):
+    """--dynamic_sampling's part of the step line: generation batches, and the groups of them whose rewards differed
+    (before the batch took prompts_per_step of them); "" without it."""
+    if "gen_batches" not in m:
+        return ""
+    return f"refill {m['gen_batches']} batches: {m['gen_kept_groups']}/{m['gen_prompts']} groups differ | "
+
+
 def eval_line(m):
     """The eval accuracies of a metrics row (eval_<benchmark>, %) as the end of its step line; "" when none."""
     accs = "".join(f" | {k} {v:.1f}" for k, v in m.items() if k.startswith("eval_") and "/" not in k)
@@ -217,7 +225,7 @@ class Recorder:
         print(f"step {step}/{cfg.steps} | reward {m['reward']:.3f} | len {m['len_mean']:.0f} | "
               f"clip {m['clip_ratio']:.2f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | gnorm {m['grad_norm']:.3f} | "
               f"{m['t_step']:.1f}s (gen {m['t_rollout']:.1f} / logp {m['t_logprobs']:.1f} / upd {m['t_update']:.1f}) | "
-              f"{rollout_line(m)}"
+              f"{rollout_line(m)}{refill_line(m)}"
               f"elapsed {duration(elapsed)} | eta {duration(left)}{eval_line(m)}", flush=True)
         samples = [dict(step=step, prompt=tokenizer.decode(ro.prompt_ids[b]), response=texts[b], gold=golds[b],
                         reward=float(rewards[b]), correct=grades[b].correct, pred=grades[b].pred,

@@ -18,7 +18,9 @@ Variants, each one flag whose default is the Zoo (README "Variants"): --clip_eps
 (seq: GRPO paper, seq_sum_norm: Dr. GRPO), --adv_std=false (Dr. GRPO), --skip_zero_var and --mask_truncated (DAPO's
 filters: those responses are left out of the update and of its normaliser), --overlong_buffer/--overlong_penalty (DAPO's
 overlong shaping) and --format_reward (reward shaping, all in reward.shaped_rewards: it moves the rewards trained on,
-never `correct`, which the accuracy metric and eval count), --warmup_steps (linear LR warmup); --preset=dapo has them.
+never `correct`, which the accuracy metric and eval count), --warmup_steps (linear LR warmup), --dynamic_sampling
+(DAPO's dynamic sampling: more generation batches until prompts_per_step groups have rewards that differ;
+pick_groups); --preset=dapo has them.
 
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
@@ -56,7 +58,7 @@ from data import DataError, Sampler, Template, load_examples, load_template, tok
 from eval import before_after_table, check_benchmarks, train_eval
 from flags import parse_flags
 from model import Samples, batch_logprobs, load_config, load_models, load_tokenizer, sequence_logprobs
-from rollout import generate, stop_token_ids
+from rollout import Rollout, generate, stop_token_ids
 
 
 # -----------------------------------------------------------------------------
@@ -87,12 +89,18 @@ class Config:
     loss_agg: Literal["token", "seq", "seq_sum_norm"] = "token"  # normaliser: token (Zoo), seq (GRPO paper),
                                                                  # seq_sum_norm (Dr. GRPO); see loss_weights
     adv_std: bool = True            # advantages (r - mean) / std (Zoo); false: r - mean (Dr. GRPO)
-    skip_zero_var: bool = False     # leave out groups whose rewards are all equal (DAPO dynamic sampling, filter form)
+    skip_zero_var: bool = False     # leave out groups whose rewards are all equal: DAPO's filter without the refill
+                                    # (the batch shrinks; the gradient only grows: Adam + clipping barely notice)
     mask_truncated: bool = False    # leave out responses that hit max_response_len (DAPO overlong filtering)
     overlong_buffer: int = 0        # DAPO overlong shaping: responses longer than max_response_len - N tokens lose up
                                     # to overlong_penalty, linearly (reward.shaped_rewards); 0 = off (the Zoo)
     overlong_penalty: float = 1.0   # DAPO's penalty factor: the reward lost at max_response_len (with overlong_buffer)
     format_reward: float = 0.0      # x > 0: added to the reward of boxed responses; x < 0: to unboxed ones; 0 = off
+    # DAPO dynamic sampling (verl's filter_groups): generation batches of prompts_per_step prompts until
+    # prompts_per_step groups have rewards that differ, then train on the first prompts_per_step of them
+    dynamic_sampling: bool = False  # refill with more generation batches (off: the Zoo, one batch per step)
+    max_gen_batches: int = 10       # generation batches per step at most (verl's max_num_gen_batches; DAPO's 10);
+                                    # reaching it stops the run, as verl does; 0 = no limit
     mini_batches: int = 4           # optimizer steps per rollout batch (1 pass over the data)
     micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
     grad_ckpt: bool = True          # gradient checkpointing in the update
@@ -141,11 +149,10 @@ PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses bet
     # bonus, clip 0.2/0.28, token-mean loss, overlong shaping (buffer 4096, factor 1.0), lr 1e-6 after 10 warmup steps,
     # weight decay 0.1. Not taken: its 32B model, DAPO-Math-17k, 512 prompts x 16 samples, 20480-token responses, and
     # its -1 reward for a wrong answer (ours stays 0/1).
-    # TODO(dynsample): dynamic_sampling=True (re-sample until the batch is full of groups with unequal rewards) once
-    # --dynamic_sampling is on main; until then skip_zero_var, the filter form (those groups leave the update). verl
-    # filters groups on accuracy (filter_groups.metric=acc); skip_zero_var reads the shaped rewards.
+    # Dynamic sampling refills until the batch holds prompts_per_step groups whose (unshaped) rewards differ, as verl's
+    # filter_groups compares accuracy.
     "dapo": dict(ZOO, kl_coef=0.0, entropy_coef=0.0, clip_eps=0.2, clip_eps_high=0.28, loss_agg="token",
-                 skip_zero_var=True, overlong_buffer=4096, overlong_penalty=1.0, lr=1e-6, warmup_steps=10,
+                 dynamic_sampling=True, overlong_buffer=4096, overlong_penalty=1.0, lr=1e-6, warmup_steps=10,
                  weight_decay=0.1, out="runs/dapo"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition, evaluated greedily on the held-out
     # additions before training and at the end (eval_every = steps); see README for its measured curve and table.
@@ -439,6 +446,65 @@ def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
                       tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile)
     return ro, stats
 
+# -----------------------------------------------------------------------------
+# DAPO dynamic sampling (--dynamic_sampling): which groups of several generation batches a step trains, and where.
+
+
+def pick_groups(informative, prompts_per_step, world):
+    """informative[b][r]: one bool per group that rank r generated in generation batch b (True: its rewards differ)
+    -> per rank, the (b, r, j) groups it trains (group j of rank r's rows of batch b), prompts_per_step // world each.
+    Which: the first prompts_per_step informative groups in generation order, as verl keeps the first
+    train_batch_size: batch by batch, and within a batch in the sampler's order (rank r's group j was prompt
+    j * world + r of it). Where: each rank keeps its own chosen groups up to its share; the rest go, in that order,
+    to the ranks short of theirs (the fewest groups move; with every group informative, none does). A rank's list
+    is its own groups, then those it receives, each in generation order."""
+    order = [(b, p % world, p // world) for b, ranks in enumerate(informative)
+             for p in range(sum(map(len, ranks))) if ranks[p % world][p // world]]
+    assert len(order) >= prompts_per_step, f"{len(order)} informative groups for a batch of {prompts_per_step}"
+    chosen, share = order[:prompts_per_step], prompts_per_step // world
+    own = [[g for g in chosen if g[1] == r] for r in range(world)]
+    spare = [g for r in range(world) for g in own[r][share:]]  # chosen, beyond their rank's share
+    plan = []
+    for r in range(world):
+        need = share - min(len(own[r]), share)
+        plan.append(own[r][:share] + spare[:need])
+        spare = spare[need:]
+    return plan
+
+
+def group_rows(ro, j, G):
+    """Group j's G rows of a Rollout as a Rollout of their own: tensors copied (a view would pickle the whole
+    batch's storage) and cut to the group's longest response."""
+    r = ro.rows(slice(j * G, (j + 1) * G))
+    cut = lambda t: None if t is None else t[:, :int(r.lengths.max())].clone()  # (G, R_j)
+    return Rollout(r.prompt_ids, cut(r.response_ids), cut(r.response_mask), r.lengths.clone(), r.finish_reason,
+                   cut(r.logprobs))
+
+
+def cat_rollouts(parts, pad_id):
+    """Rollouts -> one, rows in order, responses right-padded to the longest (pad_id; mask False; logprobs 0)."""
+    R = max(p.response_ids.shape[1] for p in parts)
+    pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], R - t.shape[1]), v)], 1)  # (b, R)
+    return Rollout([x for p in parts for x in p.prompt_ids], torch.cat([pad(p.response_ids, pad_id) for p in parts]),
+                   torch.cat([pad(p.response_mask, False) for p in parts]), torch.cat([p.lengths for p in parts]),
+                   [x for p in parts for x in p.finish_reason],
+                   None if parts[0].logprobs is None else torch.cat([pad(p.logprobs, 0.0) for p in parts]))
+
+
+def deal_groups(gens, plan, G, pad_id, rank, world):
+    """gens: this rank's generation batches, each (Rollout, texts, grades, golds) with prompt-major rows; plan:
+    pick_groups' -> this rank's training batch (Rollout, texts, grades, golds): the groups plan[rank] names, each
+    from the rank that generated it (the groups that change rank travel in one all_gather_object)."""
+    group = lambda b, j: (group_rows(gens[b][0], j, G), *(x[j * G:(j + 1) * G] for x in gens[b][1:]))
+    leaving = {(b, r, j): group(b, j) for k in range(world) if k != rank for b, r, j in plan[k] if r == rank}
+    arrived = [leaving]
+    if world > 1:
+        arrived = [None] * world
+        dist.all_gather_object(arrived, leaving)
+    pool = {g: part for d in arrived for g, part in d.items()}
+    parts = [group(b, j) if r == rank else pool[(b, r, j)] for b, r, j in plan[rank]]
+    return (cat_rollouts([p[0] for p in parts], pad_id), *([x for p in parts for x in p[i]] for i in (1, 2, 3)))
+
 
 def main(argv, score=None):
     """Runs a training job from --name=value flags; `score(responses, golds) -> [reward.Grade]` overrides the grader."""
@@ -475,22 +541,50 @@ def main(argv, score=None):
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
-        idx = run.sampler.next()  # this rank's prompts
-        times = [time.time()]
+        times, t_gen = [time.time()], 0.0
         logs.peak_memory_gib(device, reset=True)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
-        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights.
-        ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
-        times.append(time.time())
+        # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights, graded
+        # on this rank. --dynamic_sampling (DAPO): generation batches of prompts_per_step prompts (the sampler moves
+        # on by each) until prompts_per_step groups on all ranks together have rewards that differ; the first
+        # prompts_per_step of them are the step's batch, prompts_per_step // world per rank (pick_groups).
+        gens, informative = [], []  # this rank's generation batches; per batch, per rank: its groups' rewards differ
+        while True:
+            idx = run.sampler.next()  # this rank's prompts
+            t = time.time()
+            ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
+            t_gen += time.time() - t
+            texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
+            golds = [run.golds[i] for i in idx for _ in range(G)]
+            grades = score(texts, golds)
+            gens.append((ro, texts, grades, golds))
+            if not cfg.dynamic_sampling:
+                break
+            by_group = torch.tensor([g.reward for g in grades]).view(-1, G)  # (b/G, G)
+            differ = (by_group != by_group[:, :1]).any(1).tolist()  # kept_responses' rule: not all rewards equal
+            informative.append([differ] if world == 1 else [None] * world)
+            if world > 1:
+                dist.all_gather_object(informative[-1], differ)
+            kept = sum(sum(flags) for ranks in informative for flags in ranks)  # all ranks, all batches so far
+            if kept >= cfg.prompts_per_step:
+                break
+            if len(gens) == cfg.max_gen_batches:  # verl raises here too
+                sys.exit(f"error: step {step}: {kept} of the {len(gens) * cfg.prompts_per_step} prompts of "
+                         f"--max_gen_batches={cfg.max_gen_batches} generation batches had rewards that differ, short "
+                         f"of --prompts_per_step={cfg.prompts_per_step}; the data is too hard or too easy for the "
+                         f"model: raise --max_gen_batches (0 = no limit) or change the data")
+        if cfg.dynamic_sampling:
+            ro, texts, grades, golds = deal_groups(gens, pick_groups(informative, cfg.prompts_per_step, world), G,
+                                                   tokenizer.pad_token_id, rank, world)
+        times.append(times[0] + t_gen)  # t_rollout: generating; t_reward: decoding, grading, dealing
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 
-        # 2. Reward and group-normalised advantages on this rank's own groups.
-        texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
-        golds = [run.golds[i] for i in idx for _ in range(G)]
-        grades = score(texts, golds)  # each one's reward and, apart, whether it is correct (eval's accuracy)
+        # 2. Group-normalised advantages on this rank's groups (with --dynamic_sampling: those dealt to it), of the
+        # shaped rewards (reward.shaped_rewards; the Zoo: the grades' own). The refill above compares the grades'
+        # own rewards (the built-in grader's: 1 = correct), as verl's filter_groups compares accuracy.
         rewards = torch.tensor(reward.shaped_rewards(grades, ro.lengths.tolist(), cfg.max_response_len,
                                                      cfg.overlong_buffer, cfg.overlong_penalty,
-                                                     cfg.format_reward))  # (B,) the Zoo: the grades' rewards
+                                                     cfg.format_reward))  # (B,)
         adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
         truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
         keep = kept_responses(rewards, truncated, G, cfg.skip_zero_var, cfg.mask_truncated)  # (B,) the Zoo: all
@@ -517,6 +611,10 @@ def main(argv, score=None):
         bad_steps = bad_steps + 1 if skipped else 0
         metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
                                     [len(x) for x in s.seqs], rollout_mem, device, lr, ro_stats)
+        if cfg.dynamic_sampling:  # all ranks: generation batches, prompts generated, groups whose rewards differed
+            gen_reward = distributed.all_sum([sum(g.reward for gen in gens for g in gen[2])], device)[0]
+            metrics.update(gen_batches=len(gens), gen_prompts=len(gens) * cfg.prompts_per_step, gen_kept_groups=kept,
+                           gen_reward=gen_reward / (len(gens) * cfg.prompts_per_step * G))
         metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
