@@ -169,6 +169,7 @@ def test_shaping_and_warmup_flags_and_the_dapo_preset():
     assert (d.model, d.kl_coef, d.entropy_coef, d.clip_eps, d.clip_eps_high, d.loss_agg) == \
         ("Qwen/Qwen2.5-7B", 0.0, 0.0, 0.2, 0.28, "token")
     assert (d.overlong_buffer, d.overlong_penalty, d.lr, d.warmup_steps, d.weight_decay) == (4096, 1.0, 1e-6, 10, 0.1)
+    assert d.dynamic_sampling and not d.skip_zero_var  # DAPO refills; skip_zero_var is the filter-only form
 
 
 def test_help_prints_every_flag_with_its_default_and_comment_and_exits_0():
