@@ -166,8 +166,9 @@ def parse_config(argv):
                      (0 < cfg.clip_ratio_c <= 1, "--clip_ratio_c must be > 1 (a bound on -A * ratio for A < 0), or 0"),
                      (cfg.clip_ratio_c and cfg.pg_loss != "ppo", "--clip_ratio_c is dual-clip PPO: --pg_loss=ppo"),
                      (cfg.is_cap <= 0, "--is_cap must be > 0"),
-                     (cfg.is_correction != "none" and cfg.engine == "cb" and cfg.top_p < 1, "--is_correction needs "
-                      "the rollout's log-probs, which --engine=cb gives only with --top_p=1 (or: --engine=slots)")]:
+                     (cfg.is_correction != "none" and not (cfg.engine == "slots" or cfg.engine == "cb" and
+                      cfg.top_p == 1), "--is_correction needs the rollout's log-probs: --engine=slots, or cb with "
+                      "--top_p=1 (pad would keep every step's logits; cb's are of the top_p nucleus)")]:
         if bad:
             sys.exit(f"error: {msg}")
     return cfg
@@ -474,7 +475,7 @@ def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
                         cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine,
                         max_prompts=cfg.rollout_prompts, tp_group=m.tp_group, cb_memory=cfg.cb_memory,
                         slots=cfg.rollout_slots,
-                        return_logprobs=cfg.engine != "cb" or cfg.top_p == 1)  # (cb: of the nucleus under top_p)
+                        return_logprobs=cfg.engine == "slots" or cfg.engine == "cb" and cfg.top_p == 1)  # (README)
 
 
 def main(argv, score=None):

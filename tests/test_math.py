@@ -602,12 +602,39 @@ def test_mismatch_metrics_zero_for_the_slots_engine_in_fp32(tokenizer):
     assert mismatch_metrics(update(policy, optimizer, s, minis, plans, cfg, 1, cpu)[0], cpu) == {}
 
 
+@pytest.mark.slow
+def test_loss_variants_train_end_to_end(model_dir, tmp_path):
+    """train.main with the new variants at once trains (no skipped update, a gradient), and logs the mismatch
+    metrics: ~0 with the fp32 CPU slots engine, whose log-probs are the training forward's."""
+    import json
+    import train
+    from reward import Grade
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    parity = lambda responses, golds: [Grade(float(len(r) % 2), "", False, "ok") for r in responses]  # mixed groups
+    out = tmp_path / "run"
+    flags = dict(model=model_dir, data=data, template="chatml-short", prompts_per_step=4, samples_per_prompt=4,
+                 max_prompt_len=256, max_response_len=10, lr=1e-3, kl_coef=1e-3, mini_batches=2,
+                 micro_batch_tokens=400, grad_ckpt="false", steps=2, save_every=0, out=out, shard="ddp",
+                 ratio_level="seq", loss_agg="seq", pg_loss="cispo", adv_estimator="reinforce_pp_baseline",
+                 is_correction="mis", is_level="seq")
+    train.main([f"--{k}={v}" for k, v in flags.items()], score=parity)
+    m = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [x["step"] for x in m] == [1, 2] and all(x["skipped_updates"] == 0 for x in m)
+    assert any(x["grad_norm"] > 0 for x in m)
+    assert all(x["mismatch_abs"] < 1e-5 and abs(x["mismatch_max_ratio"] - 1) < 1e-5 for x in m), m
+
+
 def test_variant_flags_checked():
     from train import parse_config
     for bad in ["--ratio_level=sequence", "--adv_estimator=reinforce++", "--pg_loss=gspo", "--is_correction=icepop",
-                "--is_level=tok", "--clip_ratio_c=0.5", "--clip_ratio_c=3 --pg_loss=cispo", "--is_cap=0"]:
-        with pytest.raises(SystemExit):
+                "--is_level=tok", "--clip_ratio_c=0.5", "--clip_ratio_c=3 --pg_loss=cispo", "--is_cap=0",
+                "--is_correction=tis --engine=pad", "--is_correction=mis --engine=cb --top_p=0.9"]:
+        with pytest.raises(SystemExit) as e:
             parse_config(bad.split())
+        assert bad.split("=")[0] in str(e.value.code), e.value.code  # the one line names the flag
+    parse_config("--is_correction=tis --engine=cb --top_p=1 --clip_ratio_c=10".split())
     cfg = parse_config("--ratio_level=seq --pg_loss=cispo --adv_estimator=rloo --is_correction=mis".split())
     assert (cfg.ratio_level, cfg.pg_loss, cfg.adv_estimator, cfg.is_correction) == ("seq", "cispo", "rloo", "mis")
 
