@@ -182,7 +182,8 @@ def group_advantages(rewards, group_size, estimator="grpo", std=True, lengths=No
       grpo (Zoo):             (r - mean) / (std + eps), std unbiased; std=False (Dr. GRPO): r - mean
       rloo:                   G / (G - 1) * (r - mean) = r - the mean of the other G - 1 (verl rloo)
       reinforce_pp_baseline:  r - mean, then whitened over the tokens of every rank's batch (verl's masked_whiten:
-                              a response of len_i tokens counts len_i times; lengths (B,) its response tokens)."""
+                              a response of len_i tokens counts len_i times; lengths (B,) its response tokens),
+                              all-reduced on `device`, so the split over ranks does not change it."""
     r = rewards.view(-1, group_size)  # (B/G, G)
     a = r - r.mean(1, keepdim=True)  # (B/G, G)
     if estimator == "grpo" and std:
