@@ -163,6 +163,7 @@ class Samples:
     ref_logp: list         # B x (len_b,) reference log-probs, or None when kl_coef == 0
     pad_id: int
     packed: bool = False   # micro-batches as one row of back-to-back sequences (flash-attn varlen) instead of padded
+    rollout_logp: list | None = None  # B x (len_b,) the rollout's own log-probs (its decode pass), or None
 
     def response_len(self, i):
         return len(self.seqs[i]) - self.prompt_lens[i]
@@ -174,7 +175,8 @@ class Samples:
         return cls(seqs=[torch.cat([torch.tensor(p), r[m]]) for p, r, m in
                          zip(ro.prompt_ids, ro.response_ids, ro.response_mask)],
                    prompt_lens=[len(p) for p in ro.prompt_ids], adv=adv, keep=keep, old_logp=[None] * B,
-                   ref_logp=[None] * B, pad_id=pad_id, packed=packed)
+                   ref_logp=[None] * B, pad_id=pad_id, packed=packed,
+                   rollout_logp=None if ro.logprobs is None else [x[m] for x, m in zip(ro.logprobs, ro.response_mask)])
 
 
 def sequence_logprobs(policy, s, idx, temperature, device):

@@ -20,7 +20,9 @@ filters: those responses are left out of the update and of its normaliser), --ov
 overlong shaping) and --format_reward (reward shaping, all in reward.shaped_rewards: it moves the rewards trained on,
 never `correct`, which the accuracy metric and eval count), --warmup_steps (linear LR warmup), --dynamic_sampling
 (DAPO's dynamic sampling: more generation batches until prompts_per_step groups have rewards that differ;
-pick_groups); --preset=dapo has them.
+pick_groups); --preset=dapo has them. --adv_estimator (rloo, REINFORCE++ baseline), --ratio_level=seq (GSPO),
+--pg_loss=cispo (CISPO), --clip_ratio_c (dual-clip), --is_correction (TIS/MIS weights for the rollout engine's
+log-probs against the old policy's; the mismatch_* metrics are logged always).
 
 Differences from SimpleRL-Zoo (verl 0.1): the loss is a token mean over the whole mini-batch across all ranks
 (verl averaged per micro-batch of 2); micro-batches are sized by a token budget; old log-probs of the first
@@ -101,6 +103,21 @@ class Config:
     dynamic_sampling: bool = False  # refill with more generation batches (off: the Zoo, one batch per step)
     max_gen_batches: int = 10       # generation batches per step at most (verl's max_num_gen_batches; DAPO's 10);
                                     # reaching it stops the run, as verl does; 0 = no limit
+    # The policy-gradient menu (README "Variants": each equal to verl's and TRL's, tests/test_math.py)
+    adv_estimator: Literal["grpo", "rloo", "reinforce_pp_baseline"] = "grpo"  # grpo: the Zoo's
+                                                                              # (r - mean) / std (--adv_std); rloo:
+                                                                              # G/(G-1) (r - mean);
+                                                                              # reinforce_pp_baseline: r - mean,
+                                                                              # then whitened over all ranks' tokens
+    ratio_level: Literal["token", "seq"] = "token"  # importance ratio per token (PPO) | per response (GSPO: exp of
+                                                    # its mean log ratio)
+    pg_loss: Literal["ppo", "cispo"] = "ppo"  # ppo: clipped surrogate | cispo: -sg(clip(ratio)) * A * logp (MiniMax-M1)
+    clip_ratio_c: float = 0.0       # dual-clip PPO: for A < 0 the loss is at most -A * c (verl: 3, DAPO: 10); 0 = off
+    is_correction: Literal["none", "tis", "mis"] = "none"  # rollout/train mismatch, ratio = exp(old - rollout
+                                                           # log-prob): tis: pg x min(ratio, is_cap); mis: ratio >
+                                                           # is_cap masked out (mismatch_* metrics: always logged)
+    is_level: Literal["token", "seq"] = "token"  # is ratio per token | per response (the product of its tokens')
+    is_cap: float = 2.0             # C of --is_correction
     mini_batches: int = 4           # optimizer steps per rollout batch (1 pass over the data)
     micro_batch_tokens: int = 32768 # token budget of one forward/backward (padded prompt+response tokens)
     grad_ckpt: bool = True          # gradient checkpointing in the update
@@ -184,7 +201,12 @@ def parse_config(argv):
                      (cfg.rollout_compile and cfg.engine != "slots", "--rollout_compile is for --engine=slots"),
                      (cfg.rollout_prompts and cfg.engine == "slots", "--rollout_prompts is for --engine=pad; slots "
                       "takes --rollout_slots (0 = as many as fit)"),
-                     (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")]:
+                     (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
+                     (0 < cfg.clip_ratio_c <= 1, "--clip_ratio_c must be > 1 (a bound on -A * ratio for A < 0), or 0"),
+                     (cfg.clip_ratio_c and cfg.pg_loss != "ppo", "--clip_ratio_c is dual-clip PPO: --pg_loss=ppo"),
+                     (cfg.is_cap <= 0, "--is_cap must be > 0"),
+                     (cfg.is_correction != "none" and cfg.engine != "slots", "--is_correction needs the rollout's "
+                      "log-probs: --engine=slots (pad would keep every step's logits)")]:
         if bad:
             sys.exit(f"error: {msg}")
     return cfg
@@ -193,14 +215,27 @@ def parse_config(argv):
 # The math: pure functions of tensors (tests/test_math.py checks each against the recipe).
 
 
-def group_advantages(rewards, group_size, std=True, eps=1e-6):
-    """rewards (B,) prompt-major -> (B,) advantages (r - mean) / (std + eps) within each group, std unbiased;
-    std=False (Dr. GRPO): r - mean."""
+def group_advantages(rewards, group_size, estimator="grpo", std=True, lengths=None, device="cpu", eps=1e-6):
+    """rewards (B,) prompt-major -> (B,) advantages from each response's group of G:
+      grpo (Zoo):             (r - mean) / (std + eps), std unbiased; std=False (Dr. GRPO): r - mean
+      rloo:                   G / (G - 1) * (r - mean) = r - the mean of the other G - 1 (verl rloo)
+      reinforce_pp_baseline:  r - mean, then whitened over the tokens of every rank's batch (verl's masked_whiten:
+                              a response of len_i tokens counts len_i times; lengths (B,) its response tokens),
+                              all-reduced on `device`, so the split over ranks does not change it."""
     r = rewards.view(-1, group_size)  # (B/G, G)
     a = r - r.mean(1, keepdim=True)  # (B/G, G)
-    if std:
+    if estimator == "grpo" and std:
         a = a / (r.std(1, keepdim=True) + eps)
-    return a.view(-1)  # (B,)
+    if estimator == "rloo":
+        a = a * group_size / (group_size - 1)
+    a = a.view(-1)  # (B,)
+    if estimator == "reinforce_pp_baseline":  # token mean and unbiased token variance over all ranks, as verl
+        n, total = distributed.all_sum([lengths.sum().item(), (a * lengths).sum().item()], device)
+        mean = total / (n + 1e-8)
+        (sq,) = distributed.all_sum([(lengths * (a - mean) ** 2).sum().item()], device)
+        var = sq / (n + 1e-8) * n / (n - 1)
+        a = (a - mean) * (var + 1e-8) ** -0.5  # (B,)
+    return a
 
 
 def kept_responses(rewards, truncated, group_size, skip_zero_var, mask_truncated):
@@ -216,18 +251,51 @@ def kept_responses(rewards, truncated, group_size, skip_zero_var, mask_truncated
     return keep
 
 
-def grpo_loss(logp, old_logp, ref_logp, entropy, adv, clip_eps, clip_eps_high, kl_coef, entropy_coef):
-    """All inputs (N,) per response token. Returns the per-token loss (N,)
-    max(-A*rho, -A*clip(rho, 1-eps, 1+eps_high)) - entropy_coef*H + kl_coef*low_var_kl, and per-token stats (N,)."""
-    ratio = (logp - old_logp).exp()  # (N,)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)  # (N,)
-    pg = torch.maximum(pg1, pg2)  # (N,)
+def segment_sum(x, seg, n):
+    """x (N,) per token, seg (N,) the response of each token (0..n-1) -> (n,) the sum over each response's tokens."""
+    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, seg, x)
+
+
+def grpo_loss(logp, old_logp, ref_logp, entropy, adv, lengths, cfg, rollout_logp=None):
+    """The per-token loss of b whole responses: logp, old_logp, ref_logp (or None), entropy, adv, rollout_logp (or
+    None) (N,) per response token, the responses back to back; lengths (b,) their token counts (sum N). cfg: the
+    clip, variant and coefficient fields of Config. Returns the loss (N,) pg - entropy_coef * H + kl_coef * low_var_kl
+    and per-token stats (N,). With the Zoo's settings pg = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps_high)),
+    rho = exp(logp - old_logp); the variants:
+      --ratio_level=seq (GSPO): rho = sg[s_i] * exp(logp - sg[logp]), s_i = exp(mean over response i of logp - old)
+      --pg_loss=cispo:          pg = -sg[clip(rho, 1 - eps, 1 + eps_high)] * A * logp
+      --clip_ratio_c=c:         for A < 0, pg = min(pg, -A * c) (dual-clip)
+      --is_correction=tis|mis:  pg x w, w = min(r, C) | r * (r <= C), r = exp(old_logp - rollout_logp) per token or
+                                (--is_level=seq) the product over the response (detached: both are constants)
+    Every log-ratio is clamped to +-20 before exp (as verl): no change below that, finite beyond it."""
+    seg = torch.arange(len(lengths), device=logp.device).repeat_interleave(lengths, output_size=len(logp))  # (N,)
+    log_ratio = logp - old_logp  # (N,)
+    if cfg.ratio_level == "seq":  # the response's mean log-ratio as the value, each token's own logp as the gradient
+        seq_mean = segment_sum(log_ratio.detach(), seg, len(lengths)) / lengths  # (b,)
+        log_ratio = logp - logp.detach() + seq_mean[seg]  # (N,)
+    ratio = log_ratio.clamp(-20, 20).exp()  # (N,)
+    low, high = 1 - cfg.clip_eps, 1 + (cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high)
+    if cfg.pg_loss == "cispo":
+        clipped_ratio = ratio.clamp(low, high)  # (N,)
+        pg, clipped = -clipped_ratio.detach() * adv * logp, clipped_ratio != ratio  # (N,) each
+    else:
+        pg1, pg2 = -adv * ratio, -adv * ratio.clamp(low, high)  # (N,)
+        pg, clipped = torch.maximum(pg1, pg2), pg2 > pg1  # (N,) each
+        if cfg.clip_ratio_c:
+            pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.clip_ratio_c), pg)  # (N,)
+    if cfg.is_correction != "none":
+        d = old_logp - rollout_logp  # (N,) log pi_old / pi_rollout
+        if cfg.is_level == "seq":
+            d = segment_sum(d, seg, len(lengths))[seg]  # (N,) the response's sum
+        r = d.clamp(-20, 20).exp()  # (N,)
+        w = r.clamp(max=cfg.is_cap) if cfg.is_correction == "tis" else r * (r <= cfg.is_cap)  # (N,)
+        pg = pg * w.detach()  # (N,)
     kl = torch.zeros_like(logp)  # (N,)
     if ref_logp is not None:
-        d = ref_logp - logp  # (N,)
+        d = (ref_logp - logp).clamp(-20, 20)  # (N,)
         kl = (d.exp() - d - 1).clamp(-10, 10)  # low_var_kl (k3), clamped as in verl
-    loss = pg - entropy_coef * entropy + kl_coef * kl  # (N,)
-    return loss, dict(pg=pg.detach(), clipped=(pg2 > pg1).float(), kl=kl.detach(), entropy=entropy.detach())
+    loss = pg - cfg.entropy_coef * entropy + cfg.kl_coef * kl  # (N,)
+    return loss, dict(pg=pg.detach(), clipped=clipped.float(), kl=kl.detach(), entropy=entropy.detach())
 
 
 def loss_weights(lengths, keep, loss_agg, max_response_len, n_tokens, n_responses):
@@ -268,29 +336,57 @@ def accumulate_gradients(policy, s, plan, w, world, cfg, device, bar=None):
     w_i = 1 / the global token count): each rank backprops its own samples' part; DDP then AVERAGES gradients over
     ranks, so we scale by world to get the sum over ranks. DDP syncs gradients on the last micro-batch only; FSDP
     reduce-scatters (and averages) every micro-batch into the sharded gradients. A filler (one left-out sample,
-    weight 0: plan_micro_batches) keeps the ranks in step and adds nothing. bar: a progress bar ticked per
-    micro-batch. Returns summed per-token stats."""
-    sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
-    for k, mb in enumerate(plan):
+    weight 0: plan_micro_batches) keeps the ranks in step and adds nothing. grpo_loss sees whole responses (a
+    micro-batch never splits one), so its per-response quantities do not depend on the split. bar: a progress bar
+    ticked per micro-batch. Returns summed per-token stats (new_sums)."""
+    sums = new_sums()
+    for k, micro in enumerate(plan):
         defer = isinstance(policy, DDP) and k < len(plan) - 1
         with policy.no_sync() if defer else contextlib.nullcontext():
-            logp, entropy = sequence_logprobs(policy, s, mb, cfg.temperature, device)  # (N_mb,) each
+            logp, entropy = sequence_logprobs(policy, s, micro, cfg.temperature, device)  # (N_micro,) each
             logp, entropy = logp.float(), entropy.float()
-            old = logp.detach() if s.old_logp[mb[0]] is None else torch.cat([s.old_logp[i] for i in mb]).to(device)
-            ref = None if s.ref_logp[mb[0]] is None else torch.cat([s.ref_logp[i] for i in mb]).to(device)
-            adv = torch.cat([s.adv[i].expand(s.response_len(i)) for i in mb]).to(device)  # (N_mb,)
-            w_tok = torch.cat([w[i].expand(s.response_len(i)) for i in mb]).to(device, torch.float32)  # (N_mb,)
-            high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high  # None: the Zoo's symmetric clip
-            loss, st = grpo_loss(logp, old, ref, entropy, adv, cfg.clip_eps, high,
-                                 cfg.kl_coef, cfg.entropy_coef)  # (N_mb,)
+            lengths = torch.tensor([s.response_len(i) for i in micro], device=device)  # (b,)
+            cat = lambda xs: torch.cat([xs[i] for i in micro]).to(device)  # (N_micro,) a list of per-sample tensors
+            old = logp.detach() if s.old_logp[micro[0]] is None else cat(s.old_logp)  # (N_micro,) each
+            ref = None if s.ref_logp[micro[0]] is None else cat(s.ref_logp)
+            rollout = None if s.rollout_logp is None else cat(s.rollout_logp)
+            adv = torch.cat([s.adv[i].expand(s.response_len(i)) for i in micro]).to(device)  # (N_micro,)
+            w_tok = torch.cat([w[i].expand(s.response_len(i)) for i in micro]).to(device, torch.float32)  # (N_micro,)
+            loss, stats = grpo_loss(logp, old, ref, entropy, adv, lengths, cfg, rollout)  # (N_micro,)
             ((loss * w_tok).sum() * world).backward()
-        if s.keep[mb[0]]:  # (a filler's stats are not the update's)
+        if s.keep[micro[0]]:  # (a filler's stats are not the update's)
             for key in ("pg", "clipped", "kl", "entropy"):
-                sums[key] += st[key].sum().item()
+                sums[key] += stats[key].sum().item()
             sums["tokens"] += len(logp)
+            if rollout is not None:  # old is the old log-prob pass's, or (first mini-batch) this forward's: the same
+                d = old - rollout  # (N_micro,) log pi_old / pi_rollout
+                sums["mismatch_abs"] += d.abs().sum().item()
+                sums["mismatch_kl"] += (d.exp() - d - 1).sum().item()  # k3 of KL(rollout || old)
+                sums["mismatch_max"] = max(sums["mismatch_max"], d.max().item())
         if bar is not None:
             bar.update()
     return sums
+
+
+def new_sums():
+    """The update's stats: per-token sums over the kept tokens (mismatch_max: a max) -> logs.step_metrics and
+    mismatch_metrics."""
+    return dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0, mismatch_abs=0.0, mismatch_kl=0.0,
+                mismatch_max=float("-inf"))
+
+
+def mismatch_metrics(sums, device):
+    """The rollout's log-probs against the old policy's over all ranks' kept tokens: mean |old - rollout|, the k3
+    estimate of KL(rollout || old) and the largest ratio pi_old / pi_rollout; {} where the rollout gave none. The old
+    log-probs are those of the old log-prob pass, and for the first mini-batch the update's own forward before its
+    optimizer step (the same weights): every kept token counts."""
+    n, abs_sum, kl_sum = distributed.all_sum([sums["tokens"], sums["mismatch_abs"], sums["mismatch_kl"]], device)
+    top = torch.tensor(sums["mismatch_max"], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    if top.item() == float("-inf"):
+        return {}
+    return dict(mismatch_abs=abs_sum / max(n, 1), mismatch_kl=kl_sum / max(n, 1), mismatch_max_ratio=top.exp().item())
 
 
 def plan_micro_batches(idx, seq_lens, budget, world, packed=False, device="cpu", keep=None):
@@ -316,22 +412,22 @@ def plan_update(s, cfg, world, device):
     one's micro-batches (plan_micro_batches: kept samples only, token-budgeted, as many on every rank)."""
     B, k, seq_lens = len(s.seqs), cfg.mini_batches, [len(x) for x in s.seqs]
     minis = [list(range(j * B // k, (j + 1) * B // k)) for j in range(k)]
-    return minis, [plan_micro_batches(mb, seq_lens, cfg.micro_batch_tokens, world, s.packed, device, s.keep)
-                   for mb in minis]
+    return minis, [plan_micro_batches(mini, seq_lens, cfg.micro_batch_tokens, world, s.packed, device, s.keep)
+                   for mini in minis]
 
 
 def update(policy, optimizer, s, minis, plans, cfg, world, device, progress=False):
     """One AdamW step per mini-batch (minis: lists of sample indices; plans: their micro-batches), the gradient norm
     clipped; a step whose norm is not finite is skipped; progress: a bar over the micro-batches.
     -> (summed per-token stats, grad norms, skipped steps)."""
-    sums = dict(pg=0.0, clipped=0.0, kl=0.0, entropy=0.0, tokens=0)
+    sums = new_sums()
     grad_norms, skipped = [], 0
     bar = tqdm(total=sum(map(len, plans)), desc="update", unit="micro-batch", leave=False, disable=not progress)
-    for mb_idx, plan in zip(minis, plans):
-        w = mini_batch_weights(s, mb_idx, cfg, device)  # (B,) the normaliser: the whole mini-batch on all ranks
+    for mini, plan in zip(minis, plans):
+        w = mini_batch_weights(s, mini, cfg, device)  # (B,) the normaliser: the whole mini-batch on all ranks
         with autocast(device):
-            st = accumulate_gradients(policy, s, plan, w, world, cfg, device, bar)
-        sums = {k: sums[k] + st[k] for k in sums}
+            stats = accumulate_gradients(policy, s, plan, w, world, cfg, device, bar)
+        sums = {k: max(sums[k], stats[k]) if k == "mismatch_max" else sums[k] + stats[k] for k in sums}
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         if torch.isfinite(grad_norm):
@@ -443,7 +539,8 @@ def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
     with autocast(m.rollout_lm.device):
         ro = generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
                       cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine, max_prompts=cfg.rollout_prompts,
-                      tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile)
+                      tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile,
+                      return_logprobs=cfg.engine == "slots")  # the mismatch metrics (pad: none, README)
     return ro, stats
 
 # -----------------------------------------------------------------------------
@@ -585,7 +682,7 @@ def main(argv, score=None):
         rewards = torch.tensor(reward.shaped_rewards(grades, ro.lengths.tolist(), cfg.max_response_len,
                                                      cfg.overlong_buffer, cfg.overlong_penalty,
                                                      cfg.format_reward))  # (B,)
-        adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
+        adv = group_advantages(rewards, G, cfg.adv_estimator, cfg.adv_std, ro.lengths, device)  # (B,)
         truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
         keep = kept_responses(rewards, truncated, G, cfg.skip_zero_var, cfg.mask_truncated)  # (B,) the Zoo: all
         times.append(time.time())
@@ -615,6 +712,7 @@ def main(argv, score=None):
             gen_reward = distributed.all_sum([sum(g.reward for gen in gens for g in gen[2])], device)[0]
             metrics.update(gen_batches=len(gens), gen_prompts=len(gens) * cfg.prompts_per_step, gen_kept_groups=kept,
                            gen_reward=gen_reward / (len(gens) * cfg.prompts_per_step * G))
+        metrics.update(mismatch_metrics(sums, device))  # rollout vs old log-probs: mismatch_abs, _kl, _max_ratio
         metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)

@@ -1,6 +1,8 @@
 """torchrun --nproc_per_node N tests/ddp_grads.py {ddp,zero3_mixed} OUT: gradients of one mini-batch split over N ranks.
-  ddp: {case: (full gradients, response tokens in the stats of all ranks)} for each of test_math.RANK_CASES (a
-    --loss_agg, a --shard, the responses kept) -> OUT (torch.save). Used by test_math.py::test_rank_split_invariance.
+  ddp: {case: (full gradients, response tokens in the stats of all ranks)} for each of test_math.RANK_CASES (Config
+    fields: a --loss_agg, a --shard, a loss variant; the responses kept), and "adv": each rank's REINFORCE++-baseline
+    advantages of its half of test_math.ADV_REWARDS -> OUT (torch.save). Used by test_math.py's
+    test_rank_split_invariance and test_reinforce_pp_baseline_whitens_over_all_ranks.
   zero3_mixed: zero3 with the GPU's precision policy (bf16 compute, fp32 reduce; distributed.shard_model(cuda=True)) next
     to plain fp32 zero3 -> OUT (json: relative gradient gaps, dtypes). Used by test_shard.py.
 Not a test itself."""
@@ -14,10 +16,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_model, make_tokenizer  # noqa: E402
-from test_math import RANK_CASES, make_samples  # noqa: E402
+from test_math import ADV_LENGTHS, ADV_REWARDS, RANK_CASES, make_samples  # noqa: E402
 from distributed import shard_model  # noqa: E402
 from model import Policy  # noqa: E402
-from train import Config, accumulate_gradients, mini_batch_weights, plan_micro_batches  # noqa: E402
+from train import Config, accumulate_gradients, group_advantages, mini_batch_weights, plan_micro_batches  # noqa: E402
 
 mode, out = sys.argv[1:]
 dist.init_process_group("gloo")
@@ -42,8 +44,13 @@ def grads(cfg, keep=None, mixed=False):
 
 
 if mode == "ddp":
-    full = {case: grads(Config(shard=shard, kl_coef=1e-3, temperature=0.9, loss_agg=agg), keep)[::2]
-            for case, (agg, shard, keep) in RANK_CASES.items()}
+    full = {case: grads(Config(kl_coef=1e-3, temperature=0.9, **fields), keep)[::2]
+            for case, (fields, keep) in RANK_CASES.items()}
+    # the REINFORCE++-baseline advantages of ADV_REWARDS, this rank's half (whole groups of 4), whitened over both
+    half = slice(rank * 12, (rank + 1) * 12)
+    adv = group_advantages(ADV_REWARDS[half], 4, "reinforce_pp_baseline", lengths=ADV_LENGTHS[half])
+    full["adv"] = [None] * world
+    dist.all_gather_object(full["adv"], adv)
     if rank == 0:
         torch.save(full, out)
 else:
