@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_llama_tokenizer, make_model
 from model import Policy, token_logprobs
 from train import (Config, Samples, accumulate_gradients, batch_logprobs, group_advantages, grpo_loss,
                    kept_responses, loss_weights, mini_batch_weights, plan_micro_batches, sequence_logprobs, update)
@@ -166,10 +166,12 @@ def test_loss_agg_gradient_by_hand(tokenizer, loss_agg, keep):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
-def test_micro_batch_split_invariance(tokenizer, loss_agg):
+@pytest.mark.parametrize("loss_agg,arch", [(agg, "qwen2") for agg in LOSS_AGGS] + [("token", "llama")])
+def test_micro_batch_split_invariance(tokenizer, loss_agg, arch):
+    """Also on a Llama, whose input and output embeddings are one tied parameter: its gradient sums both uses."""
     cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9, loss_agg=loss_agg)
-    policy = Policy(make_model(tokenizer))
+    tokenizer = make_llama_tokenizer() if arch == "llama" else tokenizer
+    policy = Policy(make_model(tokenizer, arch=arch))
     s = make_samples(tokenizer)
     seq_lens = [len(x) for x in s.seqs]
     one = plan_micro_batches(list(range(6)), seq_lens, budget=10_000, world=1)
