@@ -63,10 +63,16 @@ def from_hub(name):
 
 
 def load_config(name, cfg):
-    """The model's transformers config (no weights), e.g. to check its context before loading it."""
-    from transformers import AutoConfig
+    """The model's transformers config (no weights), e.g. to check its context before loading it. Read once per
+    process (a GGUF's takes seconds): don't change it."""
     folder, gguf = resolve_model(name)
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    return read_config(folder, gguf, cfg.trust_remote_code)
+
+
+@functools.cache
+def read_config(folder, gguf, trust_remote_code):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name, cfg):
@@ -142,7 +148,7 @@ def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
     zero2/zero3, where shard_model splits it before init_shards gives each rank its slice of the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     folder, gguf = resolve_model(name)
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    config = load_config(name, cfg)
     check_supported(config, name)
     kw = dict(attn_implementation=model_attention(config, device), trust_remote_code=cfg.trust_remote_code)
     if empty:
