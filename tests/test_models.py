@@ -87,9 +87,10 @@ def test_llama_inference_copy_is_tied_and_generates_the_policy(llama_dir):
         assert torch.allclose(models.rollout_lm(input_ids=ids).logits, models.lm(input_ids=ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_llama_trains_and_saves_one_embedding(llama_dir, tmp_path):
     """Two zero3 steps on the Llama with its chat template (<s>[INST] ... [/INST]): prompts hold one <s>, the steps run,
-    and the export keeps the embeddings tied (lm_head not saved apart), loadable with the same log-probs."""
+    and the export keeps the embeddings tied (lm_head not saved apart) and loads with the trained embedding."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {a} + 3?", "answer": str(a + 3)}) + "\n"
                             for a in range(8)))
