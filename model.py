@@ -9,9 +9,9 @@ a training run sharded for it, and the forward that gives the log-probs of respo
 
 Attention is flash_attention_2 where flash-attn imports on CUDA, else sdpa; eager (with a warning) for a model class
 that has neither. Models whose forward changes the logits after lm_head (Granite, Gemma2, Cohere: see
-LOGIT_POSTPROCESSING) are refused at load, from their config, because Policy applies lm_head alone. `cfg` is any config with a
-trust_remote_code field (train.py's or eval.py's); load_models reads train.py's. A name that is neither a local path
-nor a hub id exits with one line.
+LOGIT_POSTPROCESSING) are refused at load, from their config, because Policy applies lm_head alone. `cfg` is any
+config with a trust_remote_code field (train.py's or eval.py's); load_models reads train.py's. A name that is neither
+a local path nor a hub id exits with one line.
 """
 import contextlib
 import functools
