@@ -406,17 +406,18 @@ def prepare(cfg, rank, world):
 # The training run.
 
 
-def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
+def sample_responses(cfg, models, prompts, stop_ids, pad_id, progress):
     """The policy's current weights copied into the inference copy, then samples_per_prompt responses to each prompt
     (rollout.generate; with a tensor-parallel copy its group's prompts decode together) -> (rollout.Rollout, the
     engine's stats: a dict, empty for engine pad)."""
-    distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
+    distributed.copy_weights(models.policy, models.rollout_lm, models.tp_group)
     stats = {}
-    with autocast(m.rollout_lm.device):
-        ro = generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
-                      cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine, max_prompts=cfg.rollout_prompts,
-                      tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile)
-    return ro, stats
+    with autocast(models.rollout_lm.device):
+        rolled = generate(models.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
+                          cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine,
+                          max_prompts=cfg.rollout_prompts, tp_group=models.tp_group, slots=cfg.rollout_slots,
+                          stats=stats, compile_step=cfg.rollout_compile)
+    return rolled, stats
 
 
 def main(argv, score=None):
@@ -433,21 +434,21 @@ def main(argv, score=None):
     log(run.summary)
     if device.type == "cuda":
         log(f"CUDA allocator: {ALLOC_CONF}")
-    m = load_models(cfg, run.ckpt, device, master, local_rank, world)
+    models = load_models(cfg, run.ckpt, device, master, local_rank, world)
     stop_ids = stop_token_ids(tokenizer, reward.STOP_STRINGS, run.template.stop_words,
-                              m.lm.generation_config.eos_token_id)
-    optimizer = torch.optim.AdamW(m.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                              models.lm.generation_config.eos_token_id)
+    optimizer = torch.optim.AdamW(models.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     start, bad_steps = (run.state["step"], run.state["bad_steps"]) if run.ckpt else (0, 0)
     if run.ckpt:
-        distributed.load_training_state(run.ckpt, run.state, m.policy, optimizer, cfg)
+        distributed.load_training_state(run.ckpt, run.state, models.policy, optimizer, cfg)
         log(f"resuming from {run.ckpt} (step {start})")
-    rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
+    recorder = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
-        f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
+        f"attention {models.lm.config._attn_implementation} | engine {cfg.engine}")
     create_adam_states(optimizer)  # after a resume's load (which brings its own), before the first rollout's sizing
-    if start == 0 and (evals := train_eval(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
-        rec.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
+    if start == 0 and (evals := train_eval(cfg, models, tokenizer, 0, rank, world)):  # verl's val_before_train
+        recorder.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
@@ -456,53 +457,56 @@ def main(argv, score=None):
         logs.peak_memory_gib(device, reset=True)  # peak_mem_gib: this step's (CPU: max RSS, never reset)
 
         # 1. Rollout: G samples per prompt, prompt-major rows, on the inference copy of the current weights.
-        ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
+        rolled, engine_stats = sample_responses(cfg, models, [run.prompt_ids[i] for i in idx], stop_ids,
+                                                tokenizer.pad_token_id, master)
         times.append(time.time())
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
 
         # 2. Reward and group-normalised advantages on this rank's own groups.
-        texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
+        texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(rolled.response_ids, rolled.response_mask)])
         golds = [run.golds[i] for i in idx for _ in range(G)]
         grades = score(texts, golds)
         rewards = torch.tensor([g.reward for g in grades])  # (B,)
         adv = group_advantages(rewards, G, cfg.adv_std)  # (B,)
-        truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
+        truncated = torch.tensor([f == "length" for f in rolled.finish_reason])  # (B,)
         keep = kept_responses(rewards, truncated, G, cfg.skip_zero_var, cfg.mask_truncated)  # (B,) the Zoo: all
         times.append(time.time())
 
         # 3. Old and reference log-probs of the kept samples (mini-batches are contiguous runs of whole prompt groups).
-        s = Samples.from_rollout(ro, adv, keep, tokenizer.pad_token_id, m.packed)
-        minis, plans = plan_update(s, cfg, world, device)
+        samples = Samples.from_rollout(rolled, adv, keep, tokenizer.pad_token_id, models.packed)
+        minis, plans = plan_update(samples, cfg, world, device)
         with autocast(device):
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
-            s.old_logp = batch_logprobs(m.policy, s, plans[1:], cfg.temperature, device, progress=master)
-            if m.ref is not None:
-                s.ref_logp = batch_logprobs(m.ref, s, plans, cfg.temperature, device, progress=master)
+            samples.old_logp = batch_logprobs(models.policy, samples, plans[1:], cfg.temperature, device,
+                                              progress=master)
+            if models.ref is not None:
+                samples.ref_logp = batch_logprobs(models.ref, samples, plans, cfg.temperature, device, progress=master)
         times.append(time.time())
 
         # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped.
-        sums, grad_norms, skipped = update(m.policy, optimizer, s, minis, plans, cfg, world, device, progress=master)
+        sums, grad_norms, skipped = update(models.policy, optimizer, samples, minis, plans, cfg, world, device,
+                                           progress=master)
         times.append(time.time())
 
         # 5. Metrics (all ranks), eval, one line on rank 0, samples, sinks, checkpoint (and curves.png with it).
         bad_steps = bad_steps + 1 if skipped else 0
-        metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
-                                    [len(x) for x in s.seqs], rollout_mem, device, ro_stats)
-        metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
+        metrics = logs.step_metrics(cfg, step, run.sampler.epoch, rolled, rewards, grades, sums, grad_norms, skipped,
+                                    times, [len(x) for x in samples.seqs], rollout_mem, device, engine_stats)
+        metrics.update(train_eval(cfg, models, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
         if master:
-            rec.log_step(metrics, ro, texts, grades, golds, tokenizer, curves=save or step == cfg.steps)
+            recorder.log_step(metrics, rolled, texts, grades, golds, tokenizer, curves=save or step == cfg.steps)
         if save:
-            distributed.save_checkpoint(cfg.out, step, m.policy, m.lm, tokenizer, optimizer, run.sampler, bad_steps,
-                                        cfg, master, run.export_dtype)
+            distributed.save_checkpoint(cfg.out, step, models.policy, models.lm, tokenizer, optimizer, run.sampler,
+                                        bad_steps, cfg, master, run.export_dtype)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")
     if master and cfg.eval_every:  # the first (step 0) and the last eval as one table
         print(before_after_table(cfg.out))
     if master:
-        rec.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
+        recorder.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
     if dist.is_initialized():
         dist.destroy_process_group()
 
