@@ -7,9 +7,11 @@ a training run sharded for it, and the forward that gives the log-probs of respo
     m = load_models(cfg, ckpt, device, master, local_rank, world)   # train.py: policy, reference, what generates
     logp, entropy = m.policy(input_ids, loss_mask, temperature)  # (N,) each: the marked positions' next tokens
 
-Attention is flash_attention_2 where flash-attn imports on CUDA, else sdpa. `cfg` is any config with a
-trust_remote_code field (train.py's or eval.py's); load_models reads train.py's. A name that is neither a local path
-nor a hub id exits with one line.
+Attention is flash_attention_2 where flash-attn imports on CUDA, else sdpa; eager (with a warning) for a model class
+that has neither. Models whose forward changes the logits after lm_head (Granite, Gemma2, Cohere: see
+LOGIT_POSTPROCESSING) are refused at load, from their config, because Policy applies lm_head alone. `cfg` is any
+config with a trust_remote_code field (train.py's or eval.py's); load_models reads train.py's. A name that is neither
+a local path nor a hub id exits with one line.
 """
 import contextlib
 import functools
@@ -61,10 +63,16 @@ def from_hub(name):
 
 
 def load_config(name, cfg):
-    """The model's transformers config (no weights), e.g. to check its context before loading it."""
-    from transformers import AutoConfig
+    """The model's transformers config (no weights), e.g. to check its context before loading it. Read once per
+    process (a GGUF's takes seconds): don't change it."""
     folder, gguf = resolve_model(name)
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    return read_config(folder, gguf, cfg.trust_remote_code)
+
+
+@functools.cache
+def read_config(folder, gguf, trust_remote_code):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name, cfg):
@@ -95,14 +103,54 @@ def attention_impl(device):
         return "sdpa"
 
 
+# Config fields of models whose forward changes the logits after lm_head (Granite divides by logits_scaling, Gemma2/3
+# soft-cap them, Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier), with the value that changes
+# nothing. Policy applies lm_head alone while rollouts sample from the full forward: on such a model training and
+# sampling would disagree silently (a tiny Granite, logits_scaling=8: up to 0.19 nats), so they are refused.
+LOGIT_POSTPROCESSING = dict(logits_scaling=1, final_logit_softcapping=None, logit_scale=1, lm_head_multiplier=1)
+
+
+def check_supported(config, name):
+    """Exits with one line when the model's forward post-processes its logits (LOGIT_POSTPROCESSING)."""
+    for field, neutral in LOGIT_POSTPROCESSING.items():
+        value = getattr(config.get_text_config(), field, neutral)
+        if value != neutral:
+            sys.exit(f"error: --model={name} ({config.model_type}) changes its logits after lm_head ({field}={value}), "
+                     "which Policy's chunked log-softmax does not do: training and sampling would disagree; "
+                     "this codebase does not support it")
+
+
+def model_attention(config, device):
+    """attention_impl(device), or what the model class has when it lacks that: sdpa for flash_attention_2, else eager
+    (transformers raises rather than falls back when asked for one the class lacks). Remote code: attention_impl."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    impl = attention_impl(device)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # None: a trust_remote_code class, which declares its own
+    return impl if cls is None else class_attention(cls, impl)
+
+
+@functools.cache
+def class_attention(cls, impl):
+    """impl if the class `_supports_` it, else sdpa, else eager; says so once per class."""
+    if impl == "flash_attention_2" and cls._supports_flash_attn:
+        return impl
+    use = "sdpa" if cls._supports_sdpa else "eager"
+    if use != impl:
+        print(f"warning: {cls.__name__} has no {impl} attention in this transformers; using {use}", file=sys.stderr)
+    return use
+
+
 def load_lm(name, cfg, device, dtype=torch.float32, empty=False):
-    """fp32 weights (the master copy) unless dtype says otherwise; attention = flash_attention_2 when importable on
-    CUDA, else sdpa.
+    """fp32 weights (the master copy) unless dtype says otherwise; attention = model_attention (flash_attention_2 when
+    importable on CUDA, else sdpa, else eager). Models that post-process their logits exit with one line
+    (check_supported) before any weights load.
     empty=True reads only the config: parameters on the meta device (no memory), buffers (rotary tables) real. For
     zero2/zero3, where shard_model splits it before init_shards gives each rank its slice of the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     folder, gguf = resolve_model(name)
-    kw = dict(attn_implementation=attention_impl(device), trust_remote_code=cfg.trust_remote_code)
+    config = load_config(name, cfg)
+    check_supported(config, name)
+    kw = dict(attn_implementation=model_attention(config, device), trust_remote_code=cfg.trust_remote_code)
     if empty:
         from accelerate import init_empty_weights
         with init_empty_weights(include_buffers=False):

@@ -530,18 +530,19 @@ def prepare(cfg, rank, world, grading=True):
 # The training run.
 
 
-def rollout(cfg, m, prompts, stop_ids, pad_id, progress):
+def sample_responses(cfg, models, prompts, stop_ids, pad_id, progress):
     """The policy's current weights copied into the inference copy, then samples_per_prompt responses to each prompt
     (rollout.generate; with a tensor-parallel copy its group's prompts decode together) -> (rollout.Rollout, the
     engine's stats: a dict, empty for engine pad)."""
-    distributed.copy_weights(m.policy, m.rollout_lm, m.tp_group)
+    distributed.copy_weights(models.policy, models.rollout_lm, models.tp_group)
     stats = {}
-    with autocast(m.rollout_lm.device):
-        ro = generate(m.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
-                      cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine, max_prompts=cfg.rollout_prompts,
-                      tp_group=m.tp_group, slots=cfg.rollout_slots, stats=stats, compile_step=cfg.rollout_compile,
-                      return_logprobs=cfg.engine == "slots")  # the mismatch metrics (pad: none, README)
-    return ro, stats
+    with autocast(models.rollout_lm.device):
+        rolled = generate(models.rollout_lm, prompts, cfg.samples_per_prompt, cfg.max_response_len, cfg.temperature,
+                          cfg.top_p, stop_ids, pad_id, progress=progress, engine=cfg.engine,
+                          max_prompts=cfg.rollout_prompts, tp_group=models.tp_group, slots=cfg.rollout_slots,
+                          stats=stats, compile_step=cfg.rollout_compile,
+                          return_logprobs=cfg.engine == "slots")  # the mismatch metrics (pad: none, README)
+    return rolled, stats
 
 # -----------------------------------------------------------------------------
 # DAPO dynamic sampling (--dynamic_sampling): which groups of several generation batches a step trains, and where.
@@ -617,24 +618,24 @@ def main(argv, score=None):
     log(run.summary)
     if device.type == "cuda":
         log(f"CUDA allocator: {ALLOC_CONF}")
-    m = load_models(cfg, run.ckpt, device, master, local_rank, world)
+    models = load_models(cfg, run.ckpt, device, master, local_rank, world)
     stop_ids = stop_token_ids(tokenizer, reward.STOP_STRINGS, run.template.stop_words,
-                              m.lm.generation_config.eos_token_id)
-    optimizer = torch.optim.AdamW(m.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                              models.lm.generation_config.eos_token_id)
+    optimizer = torch.optim.AdamW(models.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     # --warmup_steps: rollout step k trains at lr * min(1, k / warmup_steps) (LambdaLR's count starts at 0 = step 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / max(1, cfg.warmup_steps)))
     start, bad_steps = (run.state["step"], run.state["bad_steps"]) if run.ckpt else (0, 0)
     if run.ckpt:
-        distributed.load_training_state(run.ckpt, run.state, m.policy, optimizer, cfg)  # (the optimizer's lr too)
+        distributed.load_training_state(run.ckpt, run.state, models.policy, optimizer, cfg)  # (the optimizer's lr too)
         scheduler.load_state_dict(run.state["scheduler"])
         log(f"resuming from {run.ckpt} (step {start})")
-    rec = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
+    recorder = logs.start(cfg, start) if master else None  # config.json, the W&B / TensorBoard sinks, the ETA's clock
     log(f"models loaded: peak memory {logs.peak_memory_gib(device):.1f} GiB ({logs.memory_meaning(device)}; rank 0) | "
-        f"attention {m.lm.config._attn_implementation} | engine {cfg.engine}")
+        f"attention {models.lm.config._attn_implementation} | engine {cfg.engine}")
     create_adam_states(optimizer)  # after a resume's load (which brings its own), before the first rollout's sizing
-    if start == 0 and (evals := train_eval(cfg, m, tokenizer, 0, rank, world)):  # verl's val_before_train
-        rec.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
+    if start == 0 and (evals := train_eval(cfg, models, tokenizer, 0, rank, world)):  # verl's val_before_train
+        recorder.log_evals(dict(step=0, **evals))  # (rank 0) a metrics.jsonl row of its own: step 0, evals only
 
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # sampling RNG: a function of (seed, step, rank)
@@ -649,12 +650,13 @@ def main(argv, score=None):
         while True:
             idx = run.sampler.next()  # this rank's prompts
             t = time.time()
-            ro, ro_stats = rollout(cfg, m, [run.prompt_ids[i] for i in idx], stop_ids, tokenizer.pad_token_id, master)
+            rolled, engine_stats = sample_responses(cfg, models, [run.prompt_ids[i] for i in idx], stop_ids,
+                                                    tokenizer.pad_token_id, master)
             t_gen += time.time() - t
-            texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(ro.response_ids, ro.response_mask)])
+            texts = tokenizer.batch_decode([r[k].tolist() for r, k in zip(rolled.response_ids, rolled.response_mask)])
             golds = [run.golds[i] for i in idx for _ in range(G)]
             grades = score(texts, golds)
-            gens.append((ro, texts, grades, golds))
+            gens.append((rolled, texts, grades, golds))
             if not cfg.dynamic_sampling:
                 break
             by_group = torch.tensor([g.reward for g in grades]).view(-1, G)  # (b/G, G)
@@ -671,7 +673,7 @@ def main(argv, score=None):
                          f"of --prompts_per_step={cfg.prompts_per_step}; the data is too hard or too easy for the "
                          f"model: raise --max_gen_batches (0 = no limit) or change the data")
         if cfg.dynamic_sampling:
-            ro, texts, grades, golds = deal_groups(gens, pick_groups(informative, cfg.prompts_per_step, world), G,
+            rolled, texts, grades, golds = deal_groups(gens, pick_groups(informative, cfg.prompts_per_step, world), G,
                                                    tokenizer.pad_token_id, rank, world)
         times.append(times[0] + t_gen)  # t_rollout: generating; t_reward: decoding, grading, dealing
         rollout_mem = logs.peak_memory_gib(device, reset=True)  # from here: the update's peak
@@ -679,55 +681,58 @@ def main(argv, score=None):
         # 2. Group-normalised advantages on this rank's groups (with --dynamic_sampling: those dealt to it), of the
         # shaped rewards (reward.shaped_rewards; the Zoo: the grades' own). The refill above compares the grades'
         # own rewards (the built-in grader's: 1 = correct), as verl's filter_groups compares accuracy.
-        rewards = torch.tensor(reward.shaped_rewards(grades, ro.lengths.tolist(), cfg.max_response_len,
+        rewards = torch.tensor(reward.shaped_rewards(grades, rolled.lengths.tolist(), cfg.max_response_len,
                                                      cfg.overlong_buffer, cfg.overlong_penalty,
                                                      cfg.format_reward))  # (B,)
-        adv = group_advantages(rewards, G, cfg.adv_estimator, cfg.adv_std, ro.lengths, device)  # (B,)
-        truncated = torch.tensor([f == "length" for f in ro.finish_reason])  # (B,)
+        adv = group_advantages(rewards, G, cfg.adv_estimator, cfg.adv_std, rolled.lengths, device)  # (B,)
+        truncated = torch.tensor([f == "length" for f in rolled.finish_reason])  # (B,)
         keep = kept_responses(rewards, truncated, G, cfg.skip_zero_var, cfg.mask_truncated)  # (B,) the Zoo: all
         times.append(time.time())
 
         # 3. Old and reference log-probs of the kept samples (mini-batches are contiguous runs of whole prompt groups).
-        s = Samples.from_rollout(ro, adv, keep, tokenizer.pad_token_id, m.packed)
-        minis, plans = plan_update(s, cfg, world, device)
+        samples = Samples.from_rollout(rolled, adv, keep, tokenizer.pad_token_id, models.packed)
+        minis, plans = plan_update(samples, cfg, world, device)
         with autocast(device):
             # the first mini-batch is on-policy: its old log-probs are the update's own, detached
-            s.old_logp = batch_logprobs(m.policy, s, plans[1:], cfg.temperature, device, progress=master)
-            if m.ref is not None:
-                s.ref_logp = batch_logprobs(m.ref, s, plans, cfg.temperature, device, progress=master)
+            samples.old_logp = batch_logprobs(models.policy, samples, plans[1:], cfg.temperature, device,
+                                              progress=master)
+            if models.ref is not None:
+                samples.ref_logp = batch_logprobs(models.ref, samples, plans, cfg.temperature, device, progress=master)
         times.append(time.time())
 
         # 4. Updates: one AdamW step per mini-batch, gradient clipping, non-finite updates skipped; then the LR of
         # the next step (--warmup_steps).
         lr = optimizer.param_groups[0]["lr"]
-        sums, grad_norms, skipped = update(m.policy, optimizer, s, minis, plans, cfg, world, device, progress=master)
+        sums, grad_norms, skipped = update(models.policy, optimizer, samples, minis, plans, cfg, world, device,
+                                           progress=master)
         scheduler.step()
         times.append(time.time())
 
         # 5. Metrics (all ranks), eval, one line on rank 0, samples, sinks, checkpoint (and curves.png with it).
         bad_steps = bad_steps + 1 if skipped else 0
-        metrics = logs.step_metrics(cfg, step, run.sampler.epoch, ro, rewards, grades, sums, grad_norms, skipped, times,
-                                    [len(x) for x in s.seqs], rollout_mem, device, lr, ro_stats)
+        metrics = logs.step_metrics(cfg, step, run.sampler.epoch, rolled, rewards, grades, sums, grad_norms, skipped,
+                                    times, [len(x) for x in samples.seqs], rollout_mem, device, lr, engine_stats)
         if cfg.dynamic_sampling:  # all ranks: generation batches, prompts generated, groups whose rewards differed
             gen_reward = distributed.all_sum([sum(g.reward for gen in gens for g in gen[2])], device)[0]
             metrics.update(gen_batches=len(gens), gen_prompts=len(gens) * cfg.prompts_per_step, gen_kept_groups=kept,
                            gen_reward=gen_reward / (len(gens) * cfg.prompts_per_step * G))
         metrics.update(mismatch_metrics(sums, device))  # rollout vs old log-probs: mismatch_abs, _kl, _max_ratio
-        metrics.update(train_eval(cfg, m, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
+        metrics.update(train_eval(cfg, models, tokenizer, step, rank, world))  # {} unless an eval step (and rank 0)
         stop = bad_steps >= 3
         save = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop)
         if master:
-            rec.log_step(metrics, ro, texts, grades, rewards, golds, tokenizer, curves=save or step == cfg.steps)
+            recorder.log_step(metrics, rolled, texts, grades, rewards, golds, tokenizer,
+                              curves=save or step == cfg.steps)
         if save:
-            distributed.save_checkpoint(cfg.out, step, m.policy, m.lm, tokenizer, optimizer, scheduler, run.sampler,
-                                        bad_steps, cfg, master, run.export_dtype)
+            distributed.save_checkpoint(cfg.out, step, models.policy, models.lm, tokenizer, optimizer, scheduler,
+                                        run.sampler, bad_steps, cfg, master, run.export_dtype)
         if stop:
             sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or grad norm (no update made); stopped"
                      f"{' with a checkpoint' if cfg.save_every else ''} at step {step}. Lower --lr or check the data.")
     if master and cfg.eval_every:  # the first (step 0) and the last eval as one table
         print(before_after_table(cfg.out))
     if master:
-        rec.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
+        recorder.finish(device)  # one line: the run directory, its last checkpoint, metrics.jsonl, curves.png
     if dist.is_initialized():
         dist.destroy_process_group()
 

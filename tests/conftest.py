@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny random Qwen2 model, both built offline in seconds."""
+"""Shared fixtures: tiny byte-level BPE tokenizers and tiny random models, built offline in seconds: Qwen2 (untied,
+ChatML tokenizer, no BOS) and Llama (tied embeddings, a tokenizer that puts <s> in front of every text)."""
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["What is 3 + 5? The answer is \\boxed{8}.", "Question:\nAnswer:\nLet's think step by step.",
@@ -21,12 +22,16 @@ def make_tokenizer(vocab_size=320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def make_model(tokenizer, seed=0, **overrides):
+def make_model(tokenizer, seed=0, arch="qwen2", **overrides):
+    """arch "qwen2": untied embeddings; "llama": LlamaForCausalLM with tied input and output embeddings."""
     torch.manual_seed(seed)
     cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               tie_word_embeddings=arch == "llama")
     cfg.update(overrides)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(bos_token_id=tokenizer.bos_token_id, **cfg)).float()
     return Qwen2ForCausalLM(Qwen2Config(**cfg)).float()
 
 

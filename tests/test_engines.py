@@ -12,7 +12,7 @@ from transformers import DynamicCache, GenerationConfig, TopPLogitsWarper
 
 import rollout
 from bench.rollout import force_lengths, length_probs
-from conftest import make_model
+from conftest import make_llama_tokenizer, make_model
 from model import Policy
 from rollout import SlotState, decode_step, generate, kv_shape, slots_attention
 from train import Samples, sequence_logprobs
@@ -72,13 +72,16 @@ def test_dropping_finished_rows_keeps_greedy_outputs(tokenizer):
         assert torch.equal(ro.lengths, pad.lengths) and ro.finish_reason == pad.finish_reason, e
 
 
-@pytest.mark.parametrize("engine,top_p", [("pad", 1.0), ("slots", 1.0), ("slots", 0.9)])
-def test_decode_logprobs_equal_training_forward(tokenizer, engine, top_p):
+@pytest.mark.parametrize("engine,top_p,arch", [("pad", 1.0, "qwen2"), ("slots", 1.0, "qwen2"), ("slots", 0.9, "qwen2"),
+                                               ("pad", 1.0, "llama"), ("slots", 1.0, "llama")])
+def test_decode_logprobs_equal_training_forward(tokenizer, engine, top_p, arch):
     """Sampled rows that stop at different steps (1 in 64 tokens is a stop token) and run past 32 tokens:
     the decode log-probs of every row equal a fresh forward's, so the rows kept in the cache as others end are the
-    right ones."""
-    model = make_model(tokenizer).eval()
+    right ones. Also on a Llama (tied embeddings; prompts start with the tokenizer's <s>)."""
+    tokenizer = make_llama_tokenizer() if arch == "llama" else tokenizer
+    model = make_model(tokenizer, arch=arch).eval()
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS[:3]]
+    assert arch == "qwen2" or all(p[0] == tokenizer.bos_token_id for p in prompts)
     T = 0.8
     ro = run(model, prompts, engine, seed=3, n=4, max_new_tokens=40, temperature=T, top_p=top_p,
              stop_ids=list(range(0, len(tokenizer), 64)), return_logprobs=True)

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_llama_tokenizer, make_model
 from model import Policy, checkpoint_layers, token_logprobs
 from train import (Config, Samples, accumulate_gradients, batch_logprobs, group_advantages, grpo_loss,
                    kept_responses, loss_weights, mini_batch_weights, mismatch_metrics, plan_micro_batches,
@@ -502,13 +502,18 @@ def test_loss_agg_gradient_by_hand(tokenizer, loss_agg, keep):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("variant", [dict(loss_agg=agg) for agg in LOSS_AGGS] + list(VARIANTS.values()),
-                         ids=LOSS_AGGS + list(VARIANTS))
-def test_micro_batch_split_invariance(tokenizer, variant):
+SPLIT_CASES = [(dict(loss_agg=agg), "qwen2") for agg in LOSS_AGGS] + [(v, "qwen2") for v in VARIANTS.values()] \
+    + [(dict(loss_agg="token"), "llama")]
+
+
+@pytest.mark.parametrize("variant,arch", SPLIT_CASES, ids=LOSS_AGGS + list(VARIANTS) + ["token-llama"])
+def test_micro_batch_split_invariance(tokenizer, variant, arch):
     """Every --loss_agg and loss variant (sequence ratios, rollout weights per response) gives the same gradient in one
-    micro-batch as in three."""
+    micro-batch as in three; also on a Llama, whose input and output embeddings are one tied parameter (its gradient
+    sums both uses)."""
     cfg = Config(kl_coef=1e-3, entropy_coef=1e-3, temperature=0.9, **variant)
-    policy = Policy(make_model(tokenizer))
+    tokenizer = make_llama_tokenizer() if arch == "llama" else tokenizer
+    policy = Policy(make_model(tokenizer, arch=arch))
     s = make_samples(tokenizer)
     seq_lens = [len(x) for x in s.seqs]
     one = plan_micro_batches(list(range(6)), seq_lens, budget=10_000, world=1)
