@@ -1,5 +1,7 @@
 """Shared fixtures: tiny byte-level BPE tokenizers and tiny random models, built offline in seconds: Qwen2 (untied,
 ChatML tokenizer, no BOS) and Llama (tied embeddings, a tokenizer that puts <s> in front of every text)."""
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -67,3 +69,12 @@ def make_llama_tokenizer(chat_template=LLAMA_CHAT):
                                 pad_token="</s>")
     t.chat_template = chat_template
     return t
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A JSONL of the 16 sums a + b, a, b = 0..3 (question, answer), as train.py --data=FILE reads it."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

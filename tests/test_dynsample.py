@@ -113,14 +113,6 @@ def test_deal_groups_one_rank():
     assert golds == [f"a{b}.{i}" for b, i in rows]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def metrics(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 

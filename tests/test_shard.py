@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_model
-from test_train import ROOT, data_file, flags, metrics, run  # noqa: F401  (data_file is a fixture)
+from test_train import ROOT, flags, metrics, run
 
 TORCHRUN2 = ("torchrun", "--standalone", "--nproc_per_node=2", "train.py")
 
