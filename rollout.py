@@ -60,6 +60,25 @@ class Rollout:
                        self.finish_reason[i], None if self.logprobs is None else self.logprobs[i])
 
 
+def group_rows(ro, j, G):
+    """Group j's G rows of a Rollout as a Rollout of their own: tensors copied (a view would pickle the whole
+    batch's storage) and cut to the group's longest response."""
+    r = ro.rows(slice(j * G, (j + 1) * G))
+    cut = lambda t: None if t is None else t[:, :int(r.lengths.max())].clone()  # (G, R_j)
+    return Rollout(r.prompt_ids, cut(r.response_ids), cut(r.response_mask), r.lengths.clone(), r.finish_reason,
+                   cut(r.logprobs))
+
+
+def cat_rollouts(parts, pad_id):
+    """Rollouts -> one, rows in order, responses right-padded to the longest (pad_id; mask False; logprobs 0)."""
+    R = max(p.response_ids.shape[1] for p in parts)
+    pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], R - t.shape[1]), v)], 1)  # (b, R)
+    return Rollout([x for p in parts for x in p.prompt_ids], torch.cat([pad(p.response_ids, pad_id) for p in parts]),
+                   torch.cat([pad(p.response_mask, False) for p in parts]), torch.cat([p.lengths for p in parts]),
+                   [x for p in parts for x in p.finish_reason],
+                   None if parts[0].logprobs is None else torch.cat([pad(p.logprobs, 0.0) for p in parts]))
+
+
 class _Progress(StoppingCriteria):
     """Never stops anything: ticks a progress bar once per decode step (HF generate calls it)."""
 

@@ -60,7 +60,7 @@ from data import DataError, Sampler, Template, load_examples, load_template, tok
 from eval import before_after_table, check_benchmarks, train_eval
 from flags import parse_flags
 from model import Samples, batch_logprobs, load_config, load_models, load_tokenizer, sequence_logprobs
-from rollout import Rollout, generate, stop_token_ids
+from rollout import cat_rollouts, generate, group_rows, stop_token_ids
 
 
 # -----------------------------------------------------------------------------
@@ -568,25 +568,6 @@ def pick_groups(informative, prompts_per_step, world):
         plan.append(own[r][:share] + spare[:need])
         spare = spare[need:]
     return plan
-
-
-def group_rows(ro, j, G):
-    """Group j's G rows of a Rollout as a Rollout of their own: tensors copied (a view would pickle the whole
-    batch's storage) and cut to the group's longest response."""
-    r = ro.rows(slice(j * G, (j + 1) * G))
-    cut = lambda t: None if t is None else t[:, :int(r.lengths.max())].clone()  # (G, R_j)
-    return Rollout(r.prompt_ids, cut(r.response_ids), cut(r.response_mask), r.lengths.clone(), r.finish_reason,
-                   cut(r.logprobs))
-
-
-def cat_rollouts(parts, pad_id):
-    """Rollouts -> one, rows in order, responses right-padded to the longest (pad_id; mask False; logprobs 0)."""
-    R = max(p.response_ids.shape[1] for p in parts)
-    pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], R - t.shape[1]), v)], 1)  # (b, R)
-    return Rollout([x for p in parts for x in p.prompt_ids], torch.cat([pad(p.response_ids, pad_id) for p in parts]),
-                   torch.cat([pad(p.response_mask, False) for p in parts]), torch.cat([p.lengths for p in parts]),
-                   [x for p in parts for x in p.finish_reason],
-                   None if parts[0].logprobs is None else torch.cat([pad(p.logprobs, 0.0) for p in parts]))
 
 
 def deal_groups(gens, plan, G, pad_id, rank, world):

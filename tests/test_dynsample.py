@@ -1,5 +1,5 @@
 """DAPO dynamic sampling (--dynamic_sampling): which groups a step trains and on which rank (train.pick_groups), how
-their rows travel (train.group_rows, cat_rollouts, deal_groups), and a 2-rank run that refills and resumes exactly."""
+their rows travel (rollout.group_rows, cat_rollouts, deal_groups), and a 2-rank run that refills and resumes exactly."""
 import json
 import os
 import random
@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rollout
 import train
 from rollout import Rollout
 from reward import Grade
@@ -82,12 +83,12 @@ def same_rollout(a, b):
 def test_group_rows_then_cat_rollouts_is_the_rollout(logprobs):
     """Cut into groups (each copied, cut to its own longest response) and joined again: the same Rollout."""
     ro, G = random_rollout(5, 3, logprobs), 3
-    parts = [train.group_rows(ro, j, G) for j in range(5)]
+    parts = [rollout.group_rows(ro, j, G) for j in range(5)]
     assert all(p.response_ids.shape[1] == int(p.lengths.max()) for p in parts)
     assert all(p.response_ids.untyped_storage().nbytes() == p.response_ids.numel() * 8 for p in parts)  # copies
-    assert same_rollout(train.cat_rollouts(parts, 0), ro)
+    assert same_rollout(rollout.cat_rollouts(parts, 0), ro)
     # another order: each group's rows as they were, padded to the new batch's longest response
-    back = train.cat_rollouts(parts[::-1], 0)
+    back = rollout.cat_rollouts(parts[::-1], 0)
     for j in range(5):
         rows = back.rows(slice((4 - j) * G, (5 - j) * G))
         R = parts[j].response_ids.shape[1]
@@ -107,7 +108,7 @@ def test_deal_groups_one_rank():
                      [f"a{b}.{i}" for i in range(8)]))
     plan = [[(2, 0, 1), (0, 0, 3), (0, 0, 0), (1, 0, 2)]]
     ro, texts, grades, golds = train.deal_groups(gens, plan, G, 0, rank=0, world=1)
-    assert same_rollout(ro, train.cat_rollouts([train.group_rows(gens[b][0], j, G) for b, _, j in plan[0]], 0))
+    assert same_rollout(ro, rollout.cat_rollouts([rollout.group_rows(gens[b][0], j, G) for b, _, j in plan[0]], 0))
     rows = [(b, j * G + i) for b, _, j in plan[0] for i in range(G)]
     assert texts == [f"t{b}.{i}" for b, i in rows] and grades == [f"g{b}.{i}" for b, i in rows]
     assert golds == [f"a{b}.{i}" for b, i in rows]
